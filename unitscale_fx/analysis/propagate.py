@@ -1,0 +1,461 @@
+"""Propagation of scale statistics through an FX graph, forward and backward.
+
+:class:`GraphAnalysis` walks the graph like ``torch.fx.passes.fake_tensor_prop``: no real compute
+on activations (it reads the fake values ``node.meta["val"]`` that ``torch.export`` left there),
+one :class:`~unitscale_fx.analysis.record.ScaleRecord` per node under ``node.meta[META_KEY]``.
+
+* forward: for every floating edge, the RMS and the cross-token correlation of the value;
+* backward: for every floating edge that carries a gradient, the RMS (and correlation) of the
+  true gradient of the loss, seeded with ``d loss / d loss = 1`` at the graph's scalar outputs.
+
+Small integer/boolean side computations that do not depend on parameters (attention masks, position
+ids) are evaluated concretely from the example inputs when they are available, so that rules can
+read e.g. the actual attention mask.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..errors import MissingRuleError, UnitScaleError, describe_node, source_line
+from . import rules as _rules  # noqa: F401  (registers the rules)
+from .context import RuleContext, is_float_node, normalized_kwargs
+from .record import META_KEY, ScaleRecord, Stat, evaluate
+from .registry import Unsupported as _Unsupported, lookup
+
+__all__ = ["GraphAnalysis", "MissingOp", "analyse_graph"]
+
+# Ops that never need a rule: they have no floating output that carries a scale.
+_IGNORED = {
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.sym_numel.default,
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+}
+
+
+@dataclass(frozen=True)
+class MissingOp:
+    """An op without a scale rule."""
+
+    node: str
+    op: str
+    source: str | None
+
+    def __str__(self) -> str:
+        return f"{self.node} = {self.op}" + (f"  ({self.source.splitlines()[0]})" if self.source else "")
+
+
+def _op_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"aten.{target.__name__}" if target.namespace == "aten" else f"{target.namespace}.{target.__name__}"
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+
+
+@dataclass
+class GraphAnalysis:
+    """Scale analysis of one graph.
+
+    Args:
+        gm: the graph module (parameters are ``get_attr`` nodes).
+        hints: concrete values of the shape symbols (for numeric predictions).
+        param_stats: statistics of parameters/buffers by fqn; missing ones are measured from the
+            tensor when it holds data, else a symbol ``sigma_<fqn>`` is used.
+        input_stats: statistics of floating user inputs by placeholder name (default: measured
+            from ``example_values`` when given, else a symbol).
+        example_values: concrete values of the placeholders (by name), used to evaluate masks and
+            position ids; optional.
+        strict: raise :class:`MissingRuleError` when an op has no rule.
+    """
+
+    gm: fx.GraphModule
+    hints: dict[sympy.Symbol, int] = field(default_factory=dict)
+    param_stats: dict[str, Stat] = field(default_factory=dict)
+    input_stats: dict[str, Stat] = field(default_factory=dict)
+    example_values: dict[str, Any] = field(default_factory=dict)
+    strict: bool = False
+    missing: list[MissingOp] = field(default_factory=list)
+    symbol_hints: dict[sympy.Symbol, float] = field(default_factory=dict)
+    _const: dict[fx.Node, Any] = field(default_factory=dict)
+    _const_failed: set = field(default_factory=set)
+
+    # ------------------------------------------------------------------ helpers for rules
+    def fwd_of(self, node: fx.Node) -> Stat | None:
+        rec: ScaleRecord | None = node.meta.get(META_KEY)
+        if rec is None or rec.fwd is None:
+            return None
+        if isinstance(rec.fwd, tuple):
+            return None
+        return rec.fwd
+
+    def value_of(self, expr: Any) -> float | None:
+        e = sympy.sympify(expr)
+        if self.symbol_hints:
+            e = e.xreplace({k: sympy.Float(v) for k, v in self.symbol_hints.items()})
+        return evaluate(e, self.hints)
+
+    def requires_grad(self, node: fx.Node) -> bool:
+        return bool(node.meta.get("_us_rg", False))
+
+    def const_value(self, node: fx.Node) -> Any:
+        """Concrete value of ``node`` if it depends only on example inputs and shapes."""
+        if node in self._const:
+            return self._const[node]
+        if node in self._const_failed:
+            return None
+        value = self._eval_const(node)
+        if value is None:
+            self._const_failed.add(node)
+        else:
+            self._const[node] = value
+        return value
+
+    def _eval_const(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            v = self.example_values.get(node.name)
+            if isinstance(v, torch.Tensor) and v.device.type != "meta":
+                return v
+            return v if isinstance(v, (int, float, bool)) else None
+        if node.op == "get_attr":
+            try:
+                t = _fetch_attr(self.gm, str(node.target))
+            except AttributeError:
+                return None
+            if isinstance(t, torch.nn.Parameter) or not isinstance(t, torch.Tensor):
+                return None
+            return t if t.device.type != "meta" else None
+        if node.op != "call_function" or self.requires_grad(node):
+            return None
+        if is_float_node(node) and any(
+            isinstance(a, fx.Node) and is_float_node(a) and a.op == "placeholder"
+            for a in node.all_input_nodes
+        ):
+            return None
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.numel() > 2**24:
+            return None
+
+        def conv(a: Any) -> Any:
+            if isinstance(a, fx.Node):
+                v = self.const_value(a)
+                if v is None:
+                    raise _NotConst
+                return v
+            if isinstance(a, (torch.SymInt, torch.SymFloat)):
+                v = evaluate(a.node.expr, self.hints)
+                if v is None:
+                    raise _NotConst
+                return int(v) if isinstance(a, torch.SymInt) else v
+            if isinstance(a, torch.device) and a.type == "meta":
+                return torch.device("cpu")
+            return a
+
+        try:
+            args = tree_map(conv, node.args)
+            kwargs = tree_map(conv, dict(node.kwargs))
+            if "device" in kwargs and isinstance(kwargs["device"], torch.device):
+                kwargs["device"] = torch.device("cpu")
+            with torch.no_grad():
+                return node.target(*args, **kwargs)
+        except _NotConst:
+            return None
+        except Exception:
+            return None
+
+    # ------------------------------------------------------------------ forward
+    def run_forward(self, before: Any = None, after: Any = None) -> "GraphAnalysis":
+        """Forward analysis. ``before(node)``/``after(node)`` hooks let a pass rewrite as it goes;
+        nodes a hook inserts must be analysed by the hook (``self.visit``)."""
+        for node in list(self.gm.graph.nodes):
+            if node.graph is not self.gm.graph:  # erased by a hook
+                continue
+            if before is not None and node.op == "call_function":
+                before(node)
+            self.visit(node)
+            if after is not None and node.op == "call_function":
+                after(node)
+        if self.strict and self.missing:
+            raise MissingRuleError(self.missing_message(), [(m.node, m.op, m.source) for m in self.missing])
+        return self
+
+    def visit(self, node: fx.Node) -> ScaleRecord:
+        """Compute the forward record of one node (its inputs must have been visited)."""
+        old = node.meta.get(META_KEY)
+        rec = ScaleRecord()
+        if isinstance(old, ScaleRecord):  # keep what the passes wrote (inserted factors, roles)
+            rec.factors, rec.role, rec.grad_factor = dict(old.factors), old.role, old.grad_factor
+        node.meta[META_KEY] = rec
+        self._mark_requires_grad(node)
+        if node.op == "placeholder":
+            if is_float_node(node):
+                rec.rule = "input"
+                rec.fwd = self.input_stats.get(node.name) or self._input_stat(node)
+            return rec
+        if node.op == "get_attr":
+            if isinstance(node.meta.get("val"), torch.Tensor) or _is_tensor_attr(self.gm, node):
+                rec.rule = "parameter"
+                rec.fwd = self._param_stat(node)
+            return rec
+        if node.op == "output":
+            return rec
+        if node.op != "call_function":
+            if is_float_node(node) or isinstance(node.meta.get("val"), (tuple, list)):
+                self._missing(node, rec)
+            return rec
+        if node.target in _IGNORED:
+            return rec
+        has_float_out = _has_float(node.meta.get("val"))
+        rule = lookup(node.target)
+        if rule is None:
+            if has_float_out and (
+                self.requires_grad(node)
+                or any(self.fwd_of(a) is not None for a in node.all_input_nodes if isinstance(a, fx.Node))
+            ):
+                self._missing(node, rec)
+            return rec
+        rec.rule = rule.name
+        if not has_float_out and rule.kind != "view" and rule.kind != "scale":
+            return rec
+        ctx = RuleContext(node, self)
+        try:
+            rec.fwd = rule.forward(ctx)
+        except _Unsupported as e:
+            self._missing(node, rec, reason=str(e))
+        except UnitScaleError:
+            raise
+        except Exception as e:  # a bug in a rule: name the node and the op
+            raise UnitScaleError(
+                f"scale rule {rule.name!r} failed on node\n  {describe_node(node)}\n"
+                f"{type(e).__name__}: {e}"
+            ) from e
+        return rec
+
+    def missing_message(self) -> str:
+        lines = [f"{len(self.missing)} op(s) have no scale rule:"]
+        lines += [f"  - {m}" for m in self.missing]
+        lines.append(
+            "Register a rule with unitscale_fx.analysis.register(...) (see docs/rules.md), exclude "
+            "the owning module with Config(exclude=(...)), or use strict=False to leave them unscaled."
+        )
+        return "\n".join(lines)
+
+    def _missing(self, node: fx.Node, rec: ScaleRecord, reason: str = "") -> None:
+        rec.missing = True
+        rec.rule = None
+        rec.note = reason
+        self.missing.append(MissingOp(node.name, _op_name(node.target), source_line(node)))
+
+    def _mark_requires_grad(self, node: fx.Node) -> None:
+        if node.op == "get_attr":
+            try:
+                t = _fetch_attr(self.gm, str(node.target))
+            except AttributeError:
+                t = None
+            rg = isinstance(t, torch.nn.Parameter) and t.requires_grad
+        elif node.op == "placeholder":
+            v = node.meta.get("val")
+            rg = bool(getattr(v, "requires_grad", False))
+        elif node.op == "call_function":
+            if node.target in _NO_GRAD_OPS:
+                rg = False
+            else:
+                rg = _has_float(node.meta.get("val")) and any(
+                    a.meta.get("_us_rg", False) for a in node.all_input_nodes
+                )
+        else:
+            rg = False
+        node.meta["_us_rg"] = rg
+
+    def _input_stat(self, node: fx.Node) -> Stat:
+        v = self.example_values.get(node.name)
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != "meta":
+            return Stat(sympy.Float(_rms(v), 6), sympy.Integer(0))
+        s = sympy.Symbol(f"sigma_{node.name}", positive=True)
+        self.symbol_hints.setdefault(s, 1.0)
+        return Stat(s, sympy.Integer(0))
+
+    def _param_stat(self, node: fx.Node) -> Stat:
+        fqn = str(node.target)
+        if fqn in self.param_stats:
+            return self.param_stats[fqn]
+        try:
+            t = _fetch_attr(self.gm, fqn)
+        except AttributeError:
+            t = None
+        if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.is_floating_point():
+            return Stat(sympy.Float(_rms(t), 6), sympy.Integer(0))
+        s = sympy.Symbol(f"sigma[{fqn}]", nonnegative=True)
+        self.symbol_hints.setdefault(s, 1.0)
+        return Stat(s, sympy.Integer(0))
+
+    # ------------------------------------------------------------------ backward
+    def run_backward(self, seeds: Mapping[fx.Node, Stat] | None = None) -> "GraphAnalysis":
+        """Predict the true gradient statistics of every edge that carries a gradient."""
+        nodes = list(self.gm.graph.nodes)
+        pending: dict[tuple[fx.Node, int | None], list[Stat]] = {}
+        if seeds is None:
+            seeds = self.default_seeds()
+        for n, s in seeds.items():
+            pending.setdefault((n, None), []).append(s)
+        for node in reversed(nodes):
+            rec: ScaleRecord | None = node.meta.get(META_KEY)
+            if rec is None or not self.requires_grad(node):
+                continue
+            if isinstance(rec.fwd, tuple):
+                grads = tuple(_combine(pending.get((node, i), [])) for i in range(len(rec.fwd)))
+                if all(g is None for g in grads):
+                    continue
+                rec.bwd = None
+                grad_in: Any = grads
+                rec.note = rec.note
+                node.meta["_us_bwd_multi"] = grads
+            else:
+                g = _combine(pending.get((node, None), []))
+                if g is None:
+                    continue
+                rec.bwd = g
+                grad_in = g
+            if node.op != "call_function" or rec.rule is None:
+                continue
+            if node.target is operator.getitem:
+                parent, idx = node.args[0], node.args[1]
+                if isinstance(parent, fx.Node) and isinstance(grad_in, Stat):
+                    pending.setdefault((parent, idx), []).append(grad_in)
+                continue
+            rule = lookup(node.target)
+            if rule is None:
+                continue
+            ctx = RuleContext(node, self)
+            try:
+                contribs = rule.backward(ctx, grad_in)
+            except _Unsupported:
+                continue
+            except UnitScaleError:
+                raise
+            except Exception as e:
+                raise UnitScaleError(
+                    f"backward scale rule {rule.name!r} failed on node\n  {describe_node(node)}\n"
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            for key, st in contribs.items():
+                a = key if isinstance(key, fx.Node) else ctx.arg(key)
+                if isinstance(a, (list, tuple)):
+                    for ai, si in zip(a, st):
+                        if isinstance(ai, fx.Node) and si is not None and self.requires_grad(ai):
+                            pending.setdefault((ai, None), []).append(si)
+                elif isinstance(a, fx.Node) and st is not None and self.requires_grad(a):
+                    pending.setdefault((a, None), []).append(st)
+        return self
+
+    def loss_nodes(self) -> list[fx.Node]:
+        """Scalar floating outputs that carry a gradient (the loss), in output order."""
+        out = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
+        leaves, _ = tree_flatten(out.args[0])
+        found = []
+        for leaf in leaves:
+            if isinstance(leaf, fx.Node) and is_float_node(leaf) and self.requires_grad(leaf):
+                if leaf.meta["val"].dim() == 0:
+                    found.append(leaf)
+        return found
+
+    def output_nodes(self) -> list[fx.Node]:
+        out = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
+        leaves, _ = tree_flatten(out.args[0])
+        return [l for l in leaves if isinstance(l, fx.Node) and is_float_node(l) and self.requires_grad(l)]
+
+    def default_seeds(self) -> dict[fx.Node, Stat]:
+        losses = self.loss_nodes()
+        if losses:
+            return {losses[0]: Stat(sympy.Integer(1), sympy.Integer(0))}
+        # no loss inside the model: assume a unit gradient arrives at every floating output
+        return {n: Stat(sympy.Integer(1), sympy.Integer(0)) for n in self.output_nodes()}
+
+
+class _NotConst(Exception):
+    pass
+
+
+def _combine(stats: list[Stat]) -> Stat | None:
+    """Sum of independent gradient contributions."""
+    stats = [s for s in stats if s is not None]
+    if not stats:
+        return None
+    if len(stats) == 1:
+        return stats[0]
+    total = sympy.Add(*[s.rms**2 for s in stats])
+    corr = sympy.Add(*[s.rms**2 * s.corr for s in stats]) / total if total != 0 else sympy.Integer(0)
+    return Stat(sympy.sqrt(total), corr)
+
+
+def _has_float(val: Any) -> bool:
+    if isinstance(val, torch.Tensor):
+        return val.is_floating_point()
+    if isinstance(val, (tuple, list)):
+        return any(_has_float(v) for v in val)
+    return False
+
+
+def _rms(t: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(t.detach().double().pow(2).mean().sqrt()) if t.numel() else 0.0
+
+
+def _is_tensor_attr(root: torch.nn.Module, node: fx.Node) -> bool:
+    try:
+        return isinstance(_fetch_attr(root, str(node.target)), torch.Tensor)
+    except AttributeError:
+        return False
+
+
+def _fetch_attr(root: torch.nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+_NO_GRAD_OPS = {
+    torch.ops.aten.detach.default,
+    torch.ops.aten.zeros_like.default,
+    torch.ops.aten.ones_like.default,
+    torch.ops.aten.empty_like.default,
+    torch.ops.aten.full_like.default,
+    torch.ops.aten.new_zeros.default,
+    torch.ops.aten.new_ones.default,
+    torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_full.default,
+}
+
+
+def analyse_graph(
+    gm: fx.GraphModule,
+    *,
+    hints: Mapping[sympy.Symbol, int] | None = None,
+    example_values: Mapping[str, Any] | None = None,
+    param_stats: Mapping[str, Stat] | None = None,
+    strict: bool = False,
+    backward: bool = True,
+) -> GraphAnalysis:
+    """Run the forward (and backward) scale analysis on ``gm`` and return it."""
+    ga = GraphAnalysis(
+        gm,
+        hints=dict(hints or {}),
+        example_values=dict(example_values or {}),
+        param_stats=dict(param_stats or {}),
+        strict=strict,
+    )
+    ga.run_forward()
+    if backward:
+        ga.run_backward()
+    return ga
+
+
+_ = (math, Iterable, normalized_kwargs)

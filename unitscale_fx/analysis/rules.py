@@ -1,0 +1,1169 @@
+"""Scale rules for aten ops: the one place where an op's effect on scale is written down.
+
+Conventions (see docs/scale_rules.md): every tensor is summarised by a
+:class:`~unitscale_fx.analysis.record.Stat` (RMS, mean, cross-token correlation). Rules assume
+that, at initialisation, different weights are independent of each other and of the activations,
+and that the operands of a binary op are independent unless they are elementwise functions of the
+same tensor (then the composite function is integrated exactly, see ``_pointwise``).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.fx as fx
+
+from .context import RuleContext, prod, sym
+from .record import Stat
+from .registry import Unsupported, register
+
+aten = torch.ops.aten
+ZERO = sympy.Integer(0)
+ONE = sympy.Integer(1)
+
+
+def _S(x: Any) -> sympy.Expr:
+    return sympy.sympify(x) if not isinstance(x, (torch.SymInt, torch.SymFloat)) else sym(x)
+
+
+def _require(s: Stat | None) -> Stat:
+    if s is None:
+        raise Unsupported("an input's scale is unknown")
+    return s
+
+
+def _var(s: Stat) -> sympy.Expr:
+    """Variance of an element (second moment minus squared mean)."""
+    return sympy.Max(s.rms**2 - s.mean**2, ZERO) if s.mean != 0 else s.rms**2
+
+
+def _numeric(ctx: RuleContext, e: Any) -> float:
+    v = ctx.analysis.value_of(e)
+    if v is None or not math.isfinite(v):
+        raise Unsupported(f"could not evaluate {e} numerically")
+    return v
+
+
+def _safe_div(a: sympy.Expr, b: sympy.Expr) -> sympy.Expr:
+    return a / b if b != 0 else ZERO
+
+
+# ============================================================================ view-like ops
+def _same(ctx: RuleContext) -> Stat:
+    return _require(ctx.stat(0))
+
+
+def _same_grad(ctx: RuleContext, g: Stat) -> dict:
+    return {ctx.name_of(0): g}
+
+
+def _numel_ratio_grad(ctx: RuleContext, g: Stat) -> dict:
+    """Gradient of an op that picks/zero-pads elements: zeros where not picked."""
+    ratio = _safe_div(ctx.numel(), ctx.numel(0))
+    return {ctx.name_of(0): Stat(g.rms * sympy.sqrt(ratio), g.corr)}
+
+
+_VIEW_OPS = [
+    aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.transpose, aten.t,
+    aten.unsqueeze, aten.squeeze, aten.flatten, aten.unflatten, aten.contiguous, aten.clone,
+    aten.alias, aten.view_as, aten.reshape_as, aten.movedim, aten.swapaxes, aten.lift_fresh_copy,
+    aten.roll, aten.flip, aten.expand_as if hasattr(aten, "expand_as") else aten.alias_copy,
+    aten.detach_copy if hasattr(aten, "detach_copy") else aten.view_copy,
+]
+register(*_VIEW_OPS, name="view", kind="view", backward=_same_grad)(_same)
+
+
+def _cast_fwd(ctx: RuleContext) -> Stat | None:
+    s = ctx.stat(0)
+    if s is None:
+        return None
+    return Stat(s.rms, s.corr, s.mean, s.trace)
+
+
+register(aten.to, aten._to_copy, aten.type_as, name="cast", kind="view", backward=_same_grad)(_cast_fwd)
+
+
+def _detach_fwd(ctx: RuleContext) -> Stat:
+    return _require(ctx.stat(0))
+
+
+register(aten.detach, name="detach", kind="view")(_detach_fwd)
+
+
+def _expand_bwd(ctx: RuleContext, g: Stat) -> dict:
+    # the gradient of a broadcast input is a sum over the broadcast copies (independent)
+    ratio = _safe_div(ctx.numel(), ctx.numel(0))
+    return {ctx.name_of(0): Stat(g.rms * sympy.sqrt(ratio), g.corr)}
+
+
+register(aten.expand, aten.repeat, aten.repeat_interleave, name="expand", kind="view", backward=_expand_bwd)(_same)
+
+register(aten.slice, aten.select, aten.narrow, aten.diagonal, name="slice", kind="view",
+         backward=_numel_ratio_grad)(_same)
+
+
+def _index_fwd(ctx: RuleContext) -> Stat:
+    return _require(ctx.stat(0))
+
+
+def _index_bwd(ctx: RuleContext, g: Stat) -> dict:
+    # rows picked once each on average: like an embedding lookup
+    ratio = _safe_div(ctx.numel(), ctx.numel(0))
+    return {ctx.name_of(0): Stat(g.rms * sympy.sqrt(ratio), g.corr)}
+
+
+register(aten.index, aten.gather, aten.index_select, aten.take_along_dim, name="gather", kind="view",
+         backward=_index_bwd)(_index_fwd)
+
+
+def _pad_fwd(ctx: RuleContext) -> Stat:
+    s = _require(ctx.stat(0))
+    value = ctx.arg("value", 0.0) or 0.0
+    if value != 0:
+        raise Unsupported("non-zero constant padding")
+    ratio = _safe_div(ctx.numel(0), ctx.numel())
+    return Stat(s.rms * sympy.sqrt(ratio), s.corr, s.mean * ratio)
+
+
+def _pad_bwd(ctx: RuleContext, g: Stat) -> dict:
+    return {ctx.name_of(0): g}
+
+
+register(aten.pad, aten.constant_pad_nd, name="pad", kind="view", backward=_pad_bwd)(_pad_fwd)
+
+
+def _split_fwd(ctx: RuleContext) -> tuple:
+    s = _require(ctx.stat(0))
+    n = len(ctx.out_val)
+    return tuple(Stat(s.rms, s.corr, s.mean) for _ in range(n))
+
+
+def _split_bwd(ctx: RuleContext, grads: Any) -> dict:
+    vals = ctx.out_val
+    parts, weights = [], []
+    for g, v in zip(grads, vals):
+        n = prod(v.shape)
+        weights.append(n)
+        parts.append(g.rms**2 * n if g is not None else ZERO)
+    total = sympy.Add(*weights)
+    rms = sympy.sqrt(sympy.Add(*parts) / total)
+    corr = next((g.corr for g in grads if g is not None), ZERO)
+    return {ctx.name_of(0): Stat(rms, corr)}
+
+
+register(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.unsafe_split,
+         name="split", kind="view", backward=_split_bwd)(_split_fwd)
+
+
+def _getitem_fwd(ctx: RuleContext) -> Stat | None:
+    parent, idx = ctx.node.args[0], ctx.node.args[1]
+    rec = parent.meta.get("unitscale") if isinstance(parent, fx.Node) else None
+    if rec is None or not isinstance(rec.fwd, tuple):
+        return None
+    return rec.fwd[idx]
+
+
+register(operator.getitem, name="getitem", kind="view")(_getitem_fwd)
+
+
+def _cat_fwd(ctx: RuleContext) -> Stat:
+    tensors = ctx.arg("tensors")
+    stats = ctx.stats("tensors")
+    num, den, corr_num, mean_num = [], [], [], []
+    for t, s in zip(tensors, stats):
+        n = prod(t.meta["val"].shape)
+        s = _require(s)
+        num.append(s.rms**2 * n)
+        corr_num.append(s.rms**2 * s.corr * n)
+        mean_num.append(s.mean * n)
+        den.append(n)
+    total = sympy.Add(*den)
+    sq = sympy.Add(*num)
+    return Stat(sympy.sqrt(sq / total), _safe_div(sympy.Add(*corr_num), sq), sympy.Add(*mean_num) / total)
+
+
+def _cat_bwd(ctx: RuleContext, g: Stat) -> dict:
+    return {"tensors": [g for _ in ctx.arg("tensors")]}
+
+
+register(aten.cat, aten.stack, aten.concat, name="cat", kind="view", backward=_cat_bwd)(_cat_fwd)
+
+
+# ============================================================================ pointwise
+def _std_normal_nodes_stat(ctx: RuleContext, s: Stat) -> tuple[float, float, float]:
+    rms = _numeric(ctx, s.rms)
+    mean = _numeric(ctx, s.mean)
+    corr = min(max(_numeric(ctx, s.corr), 0.0), 0.999)
+    std = math.sqrt(max(rms * rms - mean * mean, 0.0))
+    return std, mean, corr
+
+
+def _moments(ctx: RuleContext, fn: Callable, src_stat: Stat):
+    from .gaussian import pointwise_moments
+
+    std, mean, corr = _std_normal_nodes_stat(ctx, src_stat)
+    if std == 0.0:
+        with torch.no_grad():
+            v = float(fn(torch.tensor([mean], dtype=torch.float64))[0])
+        return v, v, 0.0, 1.0, 0.0
+    m = pointwise_moments(fn, std, corr=corr, mean=mean)
+    return m.rms, m.mean, m.grad_rms, m.corr, m.grad_corr
+
+
+def _source(ctx: RuleContext, name: str | int) -> tuple[fx.Node, Callable[[torch.Tensor], torch.Tensor]]:
+    a = ctx.arg(name)
+    s = ctx.analysis.fwd_of(a)
+    if s is not None and s.trace is not None:
+        return s.trace
+    return a, (lambda x: x)
+
+
+def _pointwise(ctx: RuleContext, op: Callable[..., torch.Tensor], tensor_args: list[str]) -> Stat:
+    """Statistics of ``op(*tensor_args)`` when all tensor args are functions of one tensor."""
+    srcs = [_source(ctx, n) for n in tensor_args]
+    src = srcs[0][0]
+    if any(s[0] is not src for s in srcs):
+        raise _NotSingleSource
+    fns = [s[1] for s in srcs]
+
+    def composite(x: torch.Tensor) -> torch.Tensor:
+        return op(*[f(x) for f in fns])
+
+    src_stat = _require(ctx.analysis.fwd_of(src))
+    rms, mean, _, corr, _ = _moments(ctx, composite, src_stat)
+    return Stat(sympy.Float(rms, 6), sympy.Float(min(max(corr, 0.0), 1.0), 6), sympy.Float(mean, 6),
+                trace=(src, composite))
+
+
+def _pointwise_bwd(ctx: RuleContext, g: Stat) -> dict:
+    rec = ctx.node.meta.get("unitscale")
+    s: Stat | None = rec.fwd if rec is not None else None
+    if s is None or s.trace is None:
+        return {}
+    src, fn = s.trace
+    src_stat = _require(ctx.analysis.fwd_of(src))
+    _, _, grad_rms, _, grad_corr = _moments(ctx, fn, src_stat)
+    return {src: Stat(g.rms * sympy.Float(grad_rms, 6), g.corr)}
+
+
+class _NotSingleSource(Exception):
+    pass
+
+
+def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[RuleContext], Stat]:
+    def forward(ctx: RuleContext) -> Stat:
+        return _pointwise(ctx, fn, [ctx.name_of(0)])
+
+    return forward
+
+
+_UNARY: dict[Any, tuple[str, Callable]] = {
+    aten.gelu: ("gelu", None),  # approximate= handled below
+    aten.silu: ("silu", torch.nn.functional.silu),
+    aten.relu: ("relu", torch.relu),
+    aten.tanh: ("tanh", torch.tanh),
+    aten.sigmoid: ("sigmoid", torch.sigmoid),
+    aten.exp: ("exp", torch.exp),
+    aten.log: ("log", torch.log),
+    aten.rsqrt: ("rsqrt", torch.rsqrt),
+    aten.sqrt: ("sqrt", torch.sqrt),
+    aten.neg: ("neg", torch.neg),
+    aten.abs: ("abs", torch.abs),
+    aten.erf: ("erf", torch.erf),
+    aten.sin: ("sin", torch.sin),
+    aten.cos: ("cos", torch.cos),
+    aten.reciprocal: ("reciprocal", torch.reciprocal),
+    aten.square: ("square", torch.square),
+    aten.softplus: ("softplus", torch.nn.functional.softplus),
+    aten.mish: ("mish", torch.nn.functional.mish),
+    aten.elu: ("elu", torch.nn.functional.elu),
+    aten.hardtanh: ("hardtanh", torch.nn.functional.hardtanh),
+    aten.leaky_relu: ("leaky_relu", torch.nn.functional.leaky_relu),
+    aten.relu6: ("relu6", torch.nn.functional.relu6),
+}
+
+
+def _gelu_fwd(ctx: RuleContext) -> Stat:
+    approx = ctx.arg("approximate", "none") or "none"
+    return _pointwise(ctx, lambda x: torch.nn.functional.gelu(x, approximate=approx), [ctx.name_of(0)])
+
+
+register(aten.gelu, name="gelu", kind="pointwise", backward=_pointwise_bwd)(_gelu_fwd)
+for _op, (_name, _fn) in _UNARY.items():
+    if _op is aten.gelu:
+        continue
+    register(_op, name=_name, kind="pointwise", backward=_pointwise_bwd)(_unary(_fn))
+
+
+def _pow_fwd(ctx: RuleContext) -> Stat:
+    e = ctx.arg("exponent")
+    if isinstance(e, fx.Node):
+        raise Unsupported("tensor exponent")
+    return _pointwise(ctx, lambda x: torch.pow(x, e), [ctx.name_of(0)])
+
+
+register(aten.pow, name="pow", kind="pointwise", backward=_pointwise_bwd)(_pow_fwd)
+
+
+def _clamp_fwd(ctx: RuleContext) -> Stat:
+    lo, hi = ctx.arg("min"), ctx.arg("max")
+    if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
+        raise Unsupported("tensor clamp bounds")
+    return _pointwise(ctx, lambda x: torch.clamp(x, lo, hi), [ctx.name_of(0)])
+
+
+register(aten.clamp, aten.clip, name="clamp", kind="pointwise", backward=_pointwise_bwd)(_clamp_fwd)
+
+
+# ---- binary arithmetic ----------------------------------------------------------------------
+def _binary_fwd(kind: str) -> Callable[[RuleContext], Stat]:
+    def forward(ctx: RuleContext) -> Stat:
+        a_name, b_name = ctx.name_of(0), ctx.name_of(1)
+        a, b = ctx.arg(a_name), ctx.arg(b_name)
+        alpha = ctx.arg("alpha", 1)
+        a_t, b_t = isinstance(a, fx.Node), isinstance(b, fx.Node)
+        if a_t and b_t and not (ctx.analysis.fwd_of(a) and ctx.analysis.fwd_of(b)):
+            # one side has no floating statistics (e.g. an integer tensor): unsupported
+            if not (_is_float(a) and _is_float(b)):
+                raise Unsupported("binary op with a non-floating tensor operand")
+        op = _BINARY_TORCH[kind]
+        if kind in ("mul", "div") and a_t and not b_t and isinstance(b, (int, float)):
+            sa = _require(ctx.analysis.fwd_of(a))
+            c = b if kind == "mul" else 1.0 / b
+            st = sa.scaled(c)
+            if sa.trace is not None:
+                src, f = sa.trace
+                return Stat(st.rms, st.corr, st.mean, trace=(src, lambda x, f=f, c=c: f(x) * c))
+            return Stat(st.rms, st.corr, st.mean, trace=(a, lambda x, c=c: x * c))
+        tensors = [n for n, t in ((a_name, a_t), (b_name, b_t)) if t]
+        # elementwise function of one source (e.g. x * tanh(x)): integrate exactly
+        try:
+            if kind in ("add", "sub"):
+                f = (lambda x, y: op(x, y, alpha=alpha)) if (a_t and b_t) else None
+            else:
+                f = None
+            if a_t and b_t:
+                return _pointwise(ctx, f or op, tensors)
+            if a_t:
+                return _pointwise(ctx, (lambda x: op(x, b, alpha=alpha)) if kind in ("add", "sub") else (lambda x: op(x, b)), tensors)
+            if b_t:
+                return _pointwise(ctx, (lambda y: op(a, y, alpha=alpha)) if kind in ("add", "sub") else (lambda y: op(a, y)), tensors)
+        except (_NotSingleSource, Unsupported):
+            pass
+        return _independent(ctx, kind, a, b, alpha)
+
+    return forward
+
+
+def _is_float(n: Any) -> bool:
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
+
+
+_BINARY_TORCH: dict[str, Callable] = {
+    "add": torch.add,
+    "sub": torch.sub,
+    "mul": torch.mul,
+    "div": torch.div,
+}
+
+
+def _scalar_stat(x: Any) -> Stat:
+    v = sympy.sympify(float(x))
+    return Stat(sympy.Abs(v), ONE, v)
+
+
+def _independent(ctx: RuleContext, kind: str, a: Any, b: Any, alpha: Any) -> Stat:
+    sa = _require(ctx.analysis.fwd_of(a)) if isinstance(a, fx.Node) else _scalar_stat(a)
+    sb = _require(ctx.analysis.fwd_of(b)) if isinstance(b, fx.Node) else _scalar_stat(b)
+    if kind in ("add", "sub"):
+        al = sympy.sympify(alpha) * (-1 if kind == "sub" else 1)
+        va, vb = _var(sa), _var(sb) * al**2
+        mean = sa.mean + al * sb.mean
+        rms2 = va + vb + mean**2
+        corr_num = (sa.rms**2 * sa.corr) + al**2 * sb.rms**2 * sb.corr + 2 * al * sa.mean * sb.mean
+        return Stat(sympy.sqrt(rms2), _clip01(_safe_div(corr_num, rms2)), mean)
+    if kind == "mul":
+        return Stat(sa.rms * sb.rms, sa.corr * sb.corr, sa.mean * sb.mean)
+    if kind == "div":
+        if isinstance(b, fx.Node):
+            rinv, minv, _, cinv, _ = _moments(ctx, torch.reciprocal, sb)
+            return Stat(sa.rms * rinv, sa.corr * cinv, sa.mean * minv)
+        return sa.scaled(1 / sympy.sympify(float(b)))
+    raise Unsupported(kind)
+
+
+def _clip01(e: sympy.Expr) -> sympy.Expr:
+    if e.is_number:
+        return sympy.Float(min(max(float(e), 0.0), 1.0), 6)
+    return e
+
+
+def _binary_bwd(kind: str):
+    def backward(ctx: RuleContext, g: Stat) -> dict:
+        rec = ctx.node.meta.get("unitscale")
+        s: Stat | None = rec.fwd if rec is not None else None
+        if s is not None and s.trace is not None:
+            return _pointwise_bwd(ctx, g)
+        a_name, b_name = ctx.name_of(0), ctx.name_of(1)
+        a, b = ctx.arg(a_name), ctx.arg(b_name)
+        alpha = sympy.sympify(ctx.arg("alpha", 1))
+        out: dict = {}
+        out_numel = ctx.numel()
+
+        def bcast(name: str, st: Stat) -> Stat:
+            ratio = _safe_div(out_numel, ctx.numel(name))
+            return Stat(st.rms * sympy.sqrt(ratio), st.corr) if ratio != 1 else st
+
+        sa = ctx.analysis.fwd_of(a) if isinstance(a, fx.Node) else _scalar_stat(a)
+        sb = ctx.analysis.fwd_of(b) if isinstance(b, fx.Node) else _scalar_stat(b)
+        if kind in ("add", "sub"):
+            if isinstance(a, fx.Node):
+                out[a_name] = bcast(a_name, g)
+            if isinstance(b, fx.Node):
+                out[b_name] = bcast(b_name, Stat(g.rms * sympy.Abs(alpha), g.corr))
+        elif kind == "mul":
+            if isinstance(a, fx.Node) and sb is not None:
+                out[a_name] = bcast(a_name, Stat(g.rms * sb.rms, g.corr))
+            if isinstance(b, fx.Node) and sa is not None:
+                out[b_name] = bcast(b_name, Stat(g.rms * sa.rms, g.corr))
+        elif kind == "div":
+            if isinstance(b, fx.Node):
+                rinv, _, _, _, _ = _moments(ctx, torch.reciprocal, _require(sb))
+                out[a_name] = bcast(a_name, Stat(g.rms * rinv, g.corr))
+                # d(a/b)/db = -a/b^2
+                r2, _, _, _, _ = _moments(ctx, lambda x: x ** -2, _require(sb))
+                out[b_name] = bcast(b_name, Stat(g.rms * _require(sa).rms * r2, g.corr))
+            elif isinstance(a, fx.Node):
+                out[a_name] = Stat(g.rms / sympy.Abs(sympy.sympify(float(b))), g.corr)
+        return out
+
+    return backward
+
+
+for _k, _ops in {
+    "add": (aten.add,),
+    "sub": (aten.sub, aten.rsub) if False else (aten.sub,),
+    "mul": (aten.mul,),
+    "div": (aten.div,),
+}.items():
+    register(*_ops, name=_k, kind="add" if _k in ("add", "sub") else "mul", backward=_binary_bwd(_k))(_binary_fwd(_k))
+
+
+def _rsub_fwd(ctx: RuleContext) -> Stat:
+    other = ctx.arg("other")
+    alpha = ctx.arg("alpha", 1)
+    if isinstance(other, fx.Node):
+        raise Unsupported("rsub with two tensors")
+    return _pointwise(ctx, lambda x: other - alpha * x, [ctx.name_of(0)])
+
+
+register(aten.rsub, name="rsub", kind="pointwise", backward=_pointwise_bwd)(_rsub_fwd)
+
+
+def _where_fwd(ctx: RuleContext) -> Stat:
+    cond = ctx.const("condition")
+    x, y = ctx.arg("input"), ctx.arg("other")
+    frac = float(cond.float().mean()) if isinstance(cond, torch.Tensor) else 0.5
+    sx = ctx.analysis.fwd_of(x) if isinstance(x, fx.Node) else _scalar_stat(x)
+    sy = ctx.analysis.fwd_of(y) if isinstance(y, fx.Node) else _scalar_stat(y)
+    sx, sy = _require(sx), _require(sy)
+    if not all(math.isfinite(_numeric(ctx, s.rms)) for s in (sx, sy)):
+        raise Unsupported("where with an infinite branch")
+    rms2 = frac * sx.rms**2 + (1 - frac) * sy.rms**2
+    return Stat(sympy.sqrt(rms2), sx.corr, frac * sx.mean + (1 - frac) * sy.mean)
+
+
+def _where_bwd(ctx: RuleContext, g: Stat) -> dict:
+    cond = ctx.const("condition")
+    frac = float(cond.float().mean()) if isinstance(cond, torch.Tensor) else 0.5
+    out = {}
+    if isinstance(ctx.arg("input"), fx.Node):
+        out["input"] = Stat(g.rms * math.sqrt(frac), g.corr)
+    if isinstance(ctx.arg("other"), fx.Node):
+        out["other"] = Stat(g.rms * math.sqrt(1 - frac), g.corr)
+    return out
+
+
+register(aten.where, name="where", kind="view", backward=_where_bwd)(_where_fwd)
+
+
+def _masked_fill_fwd(ctx: RuleContext) -> Stat:
+    s = _require(ctx.stat(0))
+    value = ctx.arg("value")
+    mask = ctx.const("mask")
+    frac_kept = 1.0 - float(mask.float().mean()) if isinstance(mask, torch.Tensor) else 1.0
+    if isinstance(value, (int, float)) and math.isfinite(value) and value != 0:
+        raise Unsupported("masked_fill with a finite non-zero value")
+    if isinstance(value, (int, float)) and not math.isfinite(value):
+        # attention-score masking: the statistics describe the entries that stay finite
+        return Stat(s.rms, s.corr, s.mean)
+    return Stat(s.rms * math.sqrt(frac_kept), s.corr, s.mean * frac_kept)
+
+
+def _masked_fill_bwd(ctx: RuleContext, g: Stat) -> dict:
+    mask = ctx.const("mask")
+    frac_kept = 1.0 - float(mask.float().mean()) if isinstance(mask, torch.Tensor) else 1.0
+    return {ctx.name_of(0): Stat(g.rms * math.sqrt(frac_kept), g.corr)}
+
+
+register(aten.masked_fill, name="masked_fill", kind="view", backward=_masked_fill_bwd)(_masked_fill_fwd)
+
+
+# ============================================================================ dropout
+def _dropout_fwd(ctx: RuleContext) -> Stat:
+    s = _require(ctx.stat(0))
+    p = float(ctx.arg("p", 0.0))
+    train = bool(ctx.arg("train", True))
+    if not train or p == 0.0:
+        return Stat(s.rms, s.corr, s.mean)
+    k = 1 / math.sqrt(1 - p)
+    return Stat(s.rms * sympy.Float(k, 8), s.corr * (1 - p), s.mean)
+
+
+def _dropout_bwd(ctx: RuleContext, g: Stat) -> dict:
+    p = float(ctx.arg("p", 0.0))
+    train = bool(ctx.arg("train", True))
+    if not train or p == 0.0:
+        return {ctx.name_of(0): g}
+    return {ctx.name_of(0): Stat(g.rms * sympy.Float(1 / math.sqrt(1 - p), 8), g.corr * (1 - p))}
+
+
+register(aten.dropout, aten.feature_dropout, aten.alpha_dropout, name="dropout", kind="dropout",
+         backward=_dropout_bwd)(_dropout_fwd)
+
+
+# ============================================================================ matmuls
+def _contract(sa: Stat, sb: Stat, k: sympy.Expr) -> sympy.Expr:
+    """RMS of sum_k a_k b_k for independent operands."""
+    return sympy.sqrt(k) * sa.rms * sb.rms
+
+
+def _mm_fwd(ctx: RuleContext) -> Stat:
+    a, b = ctx.name_of(0), ctx.name_of(1)
+    sa, sb = _require(ctx.stat(a)), _require(ctx.stat(b))
+    k = ctx.shape(a)[-1]
+    # probabilities @ values (hand-written attention): the values' shared part survives averaging
+    probs = _softmax_probs(ctx.arg(a), ctx)
+    if probs is not None:
+        p2 = probs
+        return Stat(sb.rms * sympy.sqrt(sb.corr + (1 - sb.corr) * p2), _att_out_corr(sb, p2), ZERO)
+    return Stat(_contract(sa, sb, k), _mm_corr(ctx, a, b, sa, sb), ZERO)
+
+
+def _mm_corr(ctx: RuleContext, a: str, b: str, sa: Stat, sb: Stat) -> sympy.Expr:
+    # x @ W keeps x's token correlation; bias-free contraction of two activations: product
+    if ctx.analysis.requires_grad(ctx.arg(b)) and _is_param_like(ctx.arg(b)):
+        return sa.corr
+    if _is_param_like(ctx.arg(a)):
+        return sb.corr
+    return sa.corr
+
+
+def _is_param_like(n: Any) -> bool:
+    """Whether ``n`` is a parameter, possibly behind view ops (transpose, reshape...)."""
+    seen = 0
+    while isinstance(n, fx.Node) and seen < 8:
+        if n.op == "get_attr":
+            return True
+        if n.op == "call_function" and n.target in _PASS_THROUGH and n.args:
+            n = n.args[0]
+            seen += 1
+            continue
+        return False
+    return False
+
+
+_PASS_THROUGH = set()
+
+
+def _mm_bwd(ctx: RuleContext, g: Stat) -> dict:
+    a, b = ctx.name_of(0), ctx.name_of(1)
+    sa, sb = _require(ctx.stat(a)), _require(ctx.stat(b))
+    sa_shape, sb_shape = ctx.shape(a), ctx.shape(b)
+    n = sb_shape[-1]
+    # tokens contracted in the weight gradient: every dim of ``a`` but the last, divided by the
+    # batch dims that ``b`` has too (bmm)
+    batch_b = prod(sb_shape[:-2])
+    rows = _safe_div(prod(sa_shape[:-1]), batch_b)
+    out = {}
+    probs = _softmax_probs(ctx.arg(a), ctx)
+    out[a] = Stat(g.rms * sympy.sqrt(n) * sb.rms, g.corr)
+    if probs is not None:
+        # grad_v_j = sum_i p_ij g_i
+        sq = sa_shape[-2]
+        sk = sa_shape[-1]
+        out[b] = Stat(g.rms * sympy.sqrt(sq * probs / sk), g.corr)
+    else:
+        out[b] = Stat(g.rms * sympy.sqrt(rows) * sa.rms, ZERO)
+    return out
+
+
+register(aten.mm, aten.bmm, aten.matmul, name="matmul", kind="matmul", backward=_mm_bwd)(_mm_fwd)
+
+
+def _linear_fwd(ctx: RuleContext) -> Stat:
+    sx, sw = _require(ctx.stat("input")), _require(ctx.stat("weight"))
+    k = ctx.shape("input")[-1]
+    rms2 = k * sx.rms**2 * sw.rms**2
+    corr_num = rms2 * sx.corr
+    b = ctx.stat("bias")
+    if b is not None:
+        rms2 = rms2 + b.rms**2
+        corr_num = corr_num + b.rms**2
+    return Stat(sympy.sqrt(rms2), _clip01(_safe_div(corr_num, rms2)), ZERO)
+
+
+def _linear_bwd(ctx: RuleContext, g: Stat) -> dict:
+    sx, sw = _require(ctx.stat("input")), _require(ctx.stat("weight"))
+    n = ctx.shape("weight")[0]
+    tokens = ctx.tokens("input")
+    out = {"input": Stat(g.rms * sympy.sqrt(n) * sw.rms, g.corr),
+           "weight": Stat(g.rms * sympy.sqrt(tokens) * sx.rms, ZERO)}
+    if ctx.is_tensor("bias"):
+        out["bias"] = Stat(g.rms * sympy.sqrt(tokens), ZERO)
+    return out
+
+
+register(aten.linear, name="linear", kind="matmul", backward=_linear_bwd)(_linear_fwd)
+
+
+def _addmm_fwd(ctx: RuleContext) -> Stat:
+    sb = _require(ctx.stat("input"))
+    s1, s2 = _require(ctx.stat("mat1")), _require(ctx.stat("mat2"))
+    beta, alpha = sympy.sympify(ctx.arg("beta", 1)), sympy.sympify(ctx.arg("alpha", 1))
+    k = ctx.shape("mat1")[-1]
+    mm2 = alpha**2 * k * s1.rms**2 * s2.rms**2
+    rms2 = mm2 + beta**2 * sb.rms**2
+    corr = _safe_div(mm2 * s1.corr + beta**2 * sb.rms**2, rms2)
+    return Stat(sympy.sqrt(rms2), _clip01(corr), ZERO)
+
+
+def _addmm_bwd(ctx: RuleContext, g: Stat) -> dict:
+    s1, s2 = _require(ctx.stat("mat1")), _require(ctx.stat("mat2"))
+    alpha, beta = sympy.sympify(ctx.arg("alpha", 1)), sympy.sympify(ctx.arg("beta", 1))
+    n = ctx.shape("mat2")[-1]
+    rows = ctx.shape("mat1")[0]
+    out = {"mat1": Stat(g.rms * sympy.Abs(alpha) * sympy.sqrt(n) * s2.rms, g.corr),
+           "mat2": Stat(g.rms * sympy.Abs(alpha) * sympy.sqrt(rows) * s1.rms, ZERO)}
+    if ctx.is_tensor("input"):
+        ratio = _safe_div(ctx.numel(), ctx.numel("input"))
+        out["input"] = Stat(g.rms * sympy.Abs(beta) * sympy.sqrt(ratio), ZERO)
+    return out
+
+
+register(aten.addmm, aten.baddbmm, name="addmm", kind="matmul", backward=_addmm_bwd)(_addmm_fwd)
+
+
+def _conv_fwd(ctx: RuleContext) -> Stat:
+    sx, sw = _require(ctx.stat("input")), _require(ctx.stat("weight"))
+    wshape = ctx.shape("weight")
+    k = prod(wshape[1:])  # in_channels/groups * kernel elements
+    rms2 = k * sx.rms**2 * sw.rms**2
+    b = ctx.stat("bias")
+    if b is not None:
+        rms2 = rms2 + b.rms**2
+    return Stat(sympy.sqrt(rms2), ZERO, ZERO)
+
+
+def _conv_bwd(ctx: RuleContext, g: Stat) -> dict:
+    sx, sw = _require(ctx.stat("input")), _require(ctx.stat("weight"))
+    wshape = ctx.shape("weight")
+    out_shape = ctx.shape()
+    positions = _safe_div(ctx.numel(), out_shape[1])  # batch * spatial outputs
+    n_out = wshape[0]
+    kernel = prod(wshape[2:])
+    # each input element is used by ~kernel/stride^d output positions
+    stride = ctx.arg("stride", [1])
+    spread = _safe_div(kernel, prod(stride)) if stride else kernel
+    out = {"input": Stat(g.rms * sympy.sqrt(n_out * spread) * sw.rms, ZERO),
+           "weight": Stat(g.rms * sympy.sqrt(positions) * sx.rms, ZERO)}
+    if ctx.is_tensor("bias"):
+        out["bias"] = Stat(g.rms * sympy.sqrt(positions), ZERO)
+    return out
+
+
+register(aten.convolution, aten.conv1d, aten.conv2d, aten.conv3d, aten._convolution,
+         name="conv", kind="matmul", backward=_conv_bwd)(_conv_fwd)
+
+
+def _einsum_fwd(ctx: RuleContext) -> Stat:
+    eq = ctx.arg("equation")
+    ops = ctx.arg("tensors")
+    if len(ops) != 2:
+        raise Unsupported("einsum with other than two operands")
+    lhs, rhs = eq.replace(" ", "").split("->")
+    ia, ib = lhs.split(",")
+    contracted = [c for c in ia if c in ib and c not in rhs]
+    va = ops[0].meta["val"]
+    k = prod([va.shape[ia.index(c)] for c in contracted])
+    sa, sb = [_require(s) for s in ctx.stats("tensors")]
+    return Stat(_contract(sa, sb, k), sa.corr if not _is_param_like(ops[0]) else sb.corr, ZERO)
+
+
+def _einsum_bwd(ctx: RuleContext, g: Stat) -> dict:
+    eq = ctx.arg("equation")
+    ops = ctx.arg("tensors")
+    lhs, rhs = eq.replace(" ", "").split("->")
+    ia, ib = lhs.split(",")
+    va, vb = ops[0].meta["val"], ops[1].meta["val"]
+    sa, sb = [_require(s) for s in ctx.stats("tensors")]
+    # grad_a sums over the indices of b that are not in a
+    kb = prod([vb.shape[ib.index(c)] for c in ib if c not in ia])
+    ka = prod([va.shape[ia.index(c)] for c in ia if c not in ib])
+    return {"tensors": [Stat(g.rms * sympy.sqrt(kb) * sb.rms, g.corr), Stat(g.rms * sympy.sqrt(ka) * sa.rms, ZERO)]}
+
+
+register(aten.einsum, name="einsum", kind="matmul", backward=_einsum_bwd)(_einsum_fwd)
+
+
+# ============================================================================ embedding
+def _embedding_fwd(ctx: RuleContext) -> Stat:
+    sw = _require(ctx.stat("weight"))
+    idx = ctx.const("indices")
+    corr = ZERO
+    if isinstance(idx, torch.Tensor) and idx.numel() > 1 and idx.dim() >= 1:
+        flat = idx.reshape(-1, idx.shape[-1]) if idx.dim() > 1 else idx.reshape(1, -1)
+        # probability that two tokens of the same sequence are the same token
+        same = 0.0
+        for row in flat[: min(len(flat), 64)]:
+            counts = torch.bincount(row.long().clamp_min(0)).double()
+            n = float(row.numel())
+            same += float(((counts * (counts - 1)).sum()) / max(n * (n - 1), 1.0))
+        corr = sympy.Float(same / min(len(flat), 64), 6)
+    return Stat(sw.rms, corr, ZERO)
+
+
+def _embedding_bwd(ctx: RuleContext, g: Stat) -> dict:
+    rows = ctx.shape("weight")[0]
+    n = ctx.numel("indices")
+    idx = ctx.const("indices")
+    factor = sympy.sqrt(_safe_div(n, rows))
+    if isinstance(idx, torch.Tensor) and idx.numel() > 0:
+        counts = torch.bincount(idx.reshape(-1).long().clamp_min(0), minlength=int(idx.max()) + 1).double()
+        # E|grad_row|^2 = n_v * g^2 for independent per-token gradients
+        factor = sympy.sqrt(_safe_div(n, rows))
+        _ = counts
+    return {"weight": Stat(g.rms * factor, ZERO)}
+
+
+register(aten.embedding, name="embedding", kind="embedding", backward=_embedding_bwd)(_embedding_fwd)
+
+
+# ============================================================================ norms
+def _layer_norm_fwd(ctx: RuleContext) -> Stat:
+    sx = _require(ctx.stat("input"))
+    sw = ctx.stat("weight")
+    sb = ctx.stat("bias")
+    w2 = sw.rms**2 if sw is not None else ONE
+    b2 = sb.rms**2 if sb is not None else ZERO
+    rms2 = w2 + b2
+    corr = _safe_div(w2 * sx.corr + b2, rms2)
+    return Stat(sympy.sqrt(rms2), _clip01(corr), ZERO)
+
+
+def _layer_norm_bwd(ctx: RuleContext, g: Stat) -> dict:
+    sx = _require(ctx.stat("input"))
+    sw = ctx.stat("weight")
+    w = sw.rms if sw is not None else ONE
+    mean = sx.mean
+    std = sympy.sqrt(_var(sx)) if mean != 0 else sx.rms
+    tokens = ctx.tokens("input", feature_dims=len(ctx.arg("normalized_shape") or [1]))
+    out = {"input": Stat(g.rms * w / std, g.corr)}
+    if ctx.is_tensor("weight"):
+        out["weight"] = Stat(g.rms * sympy.sqrt(tokens), ZERO)
+    if ctx.is_tensor("bias"):
+        out["bias"] = Stat(g.rms * sympy.sqrt(tokens), ZERO)
+    return out
+
+
+register(aten.layer_norm, name="layer_norm", kind="norm", backward=_layer_norm_bwd)(_layer_norm_fwd)
+
+
+def _rms_norm_fwd(ctx: RuleContext) -> Stat:
+    sx = _require(ctx.stat("input"))
+    sw = ctx.stat("weight")
+    w2 = sw.rms**2 if sw is not None else ONE
+    return Stat(sympy.sqrt(w2), sx.corr, ZERO)
+
+
+def _rms_norm_bwd(ctx: RuleContext, g: Stat) -> dict:
+    sx = _require(ctx.stat("input"))
+    sw = ctx.stat("weight")
+    w = sw.rms if sw is not None else ONE
+    tokens = ctx.tokens("input", feature_dims=len(ctx.arg("normalized_shape") or [1]))
+    out = {"input": Stat(g.rms * w / sx.rms, g.corr)}
+    if ctx.is_tensor("weight"):
+        out["weight"] = Stat(g.rms * sympy.sqrt(tokens), ZERO)
+    return out
+
+
+register(aten.rms_norm, name="rms_norm", kind="norm", backward=_rms_norm_bwd)(_rms_norm_fwd)
+
+
+# ============================================================================ reductions
+def _reduced(ctx: RuleContext) -> sympy.Expr:
+    return _safe_div(ctx.numel(0), ctx.numel())
+
+
+def _mean_fwd(ctx: RuleContext) -> Stat:
+    s = _require(ctx.stat(0))
+    n = _reduced(ctx)
+    var = _var(s)
+    rms2 = s.mean**2 + var * (s.corr + (1 - s.corr) / n) if _reduces_tokens(ctx) else s.mean**2 + var / n
+    return Stat(sympy.sqrt(rms2), s.corr, s.mean)
+
+
+def _reduces_tokens(ctx: RuleContext) -> bool:
+    dims = ctx.arg("dim")
+    shp = ctx.shape(0)
+    if dims is None or dims == []:
+        return True
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    last = len(shp) - 1
+    return any((d % len(shp)) != last for d in dims)
+
+
+def _mean_bwd(ctx: RuleContext, g: Stat) -> dict:
+    n = _reduced(ctx)
+    return {ctx.name_of(0): Stat(g.rms / n, g.corr)}
+
+
+def _sum_fwd(ctx: RuleContext) -> Stat:
+    s = _mean_fwd(ctx)
+    n = _reduced(ctx)
+    return Stat(s.rms * n, s.corr, s.mean * n)
+
+
+def _sum_bwd(ctx: RuleContext, g: Stat) -> dict:
+    return {ctx.name_of(0): g}
+
+
+register(aten.mean, name="mean", kind="reduction", backward=_mean_bwd)(_mean_fwd)
+register(aten.sum, name="sum", kind="reduction", backward=_sum_bwd)(_sum_fwd)
+
+
+# ============================================================================ softmax / attention
+def _softmax_probs(node: Any, ctx: RuleContext) -> sympy.Expr | None:
+    """E[sum_j p_j^2] if ``node`` is a softmax output (through dropout/casts/views)."""
+    seen = 0
+    while isinstance(node, fx.Node) and seen < 6:
+        if node.op == "call_function" and getattr(node.target, "overloadpacket", None) in (aten.softmax, aten._softmax):
+            return node.meta.get("_us_sum_p2")
+        if node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node) and (
+            getattr(node.target, "overloadpacket", None) in (aten.dropout, aten.to, aten._to_copy, aten.view,
+                                                             aten.reshape, aten.expand, aten.clone, aten.contiguous)
+        ):
+            node = node.args[0]
+            seen += 1
+            continue
+        return None
+    return None
+
+
+def _att_out_corr(sv: Stat, p2: sympy.Expr) -> sympy.Expr:
+    out2 = sv.corr + (1 - sv.corr) * p2
+    return _clip01(_safe_div(sv.corr + (1 - sv.corr) * sympy.Min(p2, ONE) * sympy.Float(0.5), out2))
+
+
+def _mask_rows(mask: torch.Tensor | None, sq: int, sk: int) -> tuple[str, torch.Tensor | None]:
+    """Classify a boolean 'allowed' mask of broadcastable shape [..., sq, sk]."""
+    if mask is None:
+        return "full", None
+    m = mask
+    if m.dtype != torch.bool:
+        m = m > -1e30  # additive mask: large negative means masked
+        m = m & torch.isfinite(mask) if mask.is_floating_point() else m
+    m = m.reshape(-1, m.shape[-2], m.shape[-1]) if m.dim() >= 2 else m.reshape(1, 1, -1)
+    m = m.expand(m.shape[0], sq, sk) if m.shape[-2] == 1 else m
+    if bool(m.all()):
+        return "full", None
+    tril = torch.ones(sq, sk, dtype=torch.bool).tril(diagonal=sk - sq)
+    if m.shape[-2:] == tril.shape and bool((m == tril).all()):
+        return "causal", None
+    return "general", m.sum(-1).double()  # allowed keys per query
+
+
+def _attention_stats(ctx: RuleContext, q: Stat, k: Stat, v: Stat, sq, sk, d, scale, mask_kind,
+                     counts, kv_repeat, g: Stat | None = None):
+    from .attention_stats import attention_stats, sum_p2_full
+
+    kw = dict(sq=sq, sk=sk, d=d, scale=scale, q_rms=q.rms, k_rms=k.rms, v_rms=v.rms,
+              q_corr=q.corr, k_corr=k.corr, v_corr=v.corr,
+              grad_out_rms=g.rms if g is not None else ONE, grad_out_corr=g.corr if g is not None else ZERO,
+              kv_repeat=kv_repeat)
+    if mask_kind == "causal":
+        return attention_stats(causal=True, **kw)
+    if mask_kind == "general":
+        # average over the distinct allowed-key counts (padding, sliding windows...)
+        res = attention_stats(causal=False, valid_keys=sympy.Float(float(counts.mean()), 6), **kw)
+        return res
+    return attention_stats(causal=False, **kw)
+
+
+def _sdpa_parts(ctx: RuleContext):
+    q, k, v = (_require(ctx.stat(n)) for n in ("query", "key", "value"))
+    qs, ks = ctx.shape("query"), ctx.shape("key")
+    sq, sk, d = qs[-2], ks[-2], qs[-1]
+    scale = ctx.arg("scale")
+    scale = sympy.sympify(scale) if scale is not None else 1 / sympy.sqrt(d)
+    kv_repeat = ONE
+    if ctx.arg("enable_gqa", False):
+        kv_repeat = _safe_div(qs[-3], ks[-3])
+    if ctx.arg("is_causal", False):
+        kind, counts = "causal", None
+    elif ctx.arg("attn_mask") is None:
+        kind, counts = "full", None
+    else:
+        mask = ctx.const("attn_mask")
+        if mask is None:
+            raise Unsupported("attention mask could not be evaluated from the example inputs")
+        hs = ctx.analysis.hints
+        kind, counts = _mask_rows(mask, int(_numeric(ctx, sq)), int(_numeric(ctx, sk)))
+        _ = hs
+    return q, k, v, sq, sk, d, scale, kind, counts, kv_repeat
+
+
+def _sdpa_fwd(ctx: RuleContext) -> Stat:
+    q, k, v, sq, sk, d, scale, kind, counts, rep = _sdpa_parts(ctx)
+    st = _attention_stats(ctx, q, k, v, sq, sk, d, scale, kind, counts, rep)
+    p = float(ctx.arg("dropout_p", 0.0) or 0.0)
+    rms = st.out_rms
+    if p > 0:
+        rms = rms * sympy.Float(1 / math.sqrt(1 - p), 8)
+    ctx.node.meta["_us_attention"] = dict(kind=kind, sum_p2=st.sum_p2)
+    return Stat(rms, _clip01(st.out_corr), ZERO)
+
+
+def _sdpa_bwd(ctx: RuleContext, g: Stat) -> dict:
+    q, k, v, sq, sk, d, scale, kind, counts, rep = _sdpa_parts(ctx)
+    p = float(ctx.arg("dropout_p", 0.0) or 0.0)
+    if p > 0:
+        g = Stat(g.rms * sympy.Float(1 / math.sqrt(1 - p), 8), g.corr)
+    st = _attention_stats(ctx, q, k, v, sq, sk, d, scale, kind, counts, rep, g=g)
+    return {"query": Stat(st.grad_q_rms, ZERO), "key": Stat(st.grad_k_rms, ZERO),
+            "value": Stat(st.grad_v_rms, ZERO)}
+
+
+register(aten.scaled_dot_product_attention, name="sdpa", kind="attention", backward=_sdpa_bwd)(_sdpa_fwd)
+
+
+def _softmax_fwd(ctx: RuleContext) -> Stat:
+    from .attention_stats import sum_p2_causal, sum_p2_full
+
+    s = _require(ctx.stat(0))
+    shp = ctx.shape(0)
+    sk = shp[-1]
+    sq = shp[-2] if len(shp) >= 2 else ONE
+    # logits variance across keys (the shared part shifts every logit equally)
+    s2 = _var(s) * (1 - s.corr)
+    x = ctx.arg(0)
+    kind = "full"
+    counts = None
+    src = x
+    # find a -inf masked_fill feeding the softmax to read the mask
+    for _ in range(4):
+        if isinstance(src, fx.Node) and getattr(src.target, "overloadpacket", None) is aten.masked_fill:
+            mask = ctx.analysis.const_value(src.args[1])
+            if mask is None:
+                raise Unsupported("attention mask could not be evaluated")
+            kind, counts = _mask_rows(~mask.bool(), int(_numeric(ctx, sq)), int(_numeric(ctx, sk)))
+            break
+        if isinstance(src, fx.Node) and src.op == "call_function" and src.args:
+            src = src.args[0]
+    if kind == "causal":
+        p2 = sum_p2_causal(sq, s2)
+    elif kind == "general":
+        p2 = sympy.Float(float(sum(float(sum_p2_full(int(c), _numeric(ctx, s2))) for c in counts.reshape(-1)[:4096])) / min(counts.numel(), 4096), 6)
+    else:
+        p2 = sum_p2_full(sk, s2)
+    ctx.node.meta["_us_sum_p2"] = p2
+    return Stat(sympy.sqrt(p2 / sk), ZERO, 1 / sk)
+
+
+def _softmax_bwd(ctx: RuleContext, g: Stat) -> dict:
+    p2 = ctx.node.meta.get("_us_sum_p2")
+    sk = ctx.shape(0)[-1]
+    # grad_x = p * (g - sum_j p_j g_j): RMS ~ g * sqrt(E[sum p^2]/sk) * sqrt(1 - E[sum p^2])
+    return {ctx.name_of(0): Stat(g.rms * sympy.sqrt(p2 / sk) * sympy.sqrt(sympy.Max(1 - p2, ZERO)), g.corr)}
+
+
+register(aten.softmax, aten._softmax, name="softmax", kind="softmax", backward=_softmax_bwd)(_softmax_fwd)
+
+
+def _log_softmax_fwd(ctx: RuleContext) -> Stat:
+    s = _require(ctx.stat(0))
+    v = ctx.shape(0)[-1]
+    lv = sympy.log(v) + _var(s) / 2
+    return Stat(sympy.sqrt(lv**2 + _var(s)), ZERO, -lv)
+
+
+def _log_softmax_bwd(ctx: RuleContext, g: Stat) -> dict:
+    return {ctx.name_of(0): g}
+
+
+register(aten.log_softmax, aten._log_softmax, name="log_softmax", kind="softmax",
+         backward=_log_softmax_bwd)(_log_softmax_fwd)
+
+
+# ============================================================================ losses
+def _ce_counts(ctx: RuleContext) -> tuple[sympy.Expr, sympy.Expr]:
+    """(valid targets, all targets) of a cross-entropy."""
+    total = ctx.numel("target")
+    if ctx.value("target").is_floating_point():
+        return total, total  # probabilities as targets
+    tgt = ctx.const("target")
+    ignore = ctx.arg("ignore_index", -100)
+    if isinstance(tgt, torch.Tensor):
+        valid = int((tgt != ignore).sum())
+        return sympy.Integer(max(valid, 1)), total
+    return total, total
+
+
+def _ce_fwd(ctx: RuleContext) -> Stat:
+    s = _require(ctx.stat("input"))
+    v = ctx.shape("input")[1] if len(ctx.shape("input")) > 1 else ctx.shape("input")[0]
+    loss = sympy.log(v) + _var(s) * (1 - s.corr) / 2
+    return Stat(loss, ZERO, loss)
+
+
+def _ce_bwd(ctx: RuleContext, g: Stat) -> dict:
+    s = _require(ctx.stat("input"))
+    shp = ctx.shape("input")
+    v = shp[1] if len(shp) > 1 else shp[0]
+    valid, total = _ce_counts(ctx)
+    reduction = ctx.arg("reduction", 1)
+    s2 = _var(s) * (1 - s.corr)
+    # per valid row |p - onehot|^2 ~ 1 - 2/V + e^{s2}/V; spread over V entries
+    row = (1 - 2 / v + sympy.exp(s2) / v) / v
+    per_elem = sympy.sqrt(row * valid / total)
+    if reduction == 1:  # mean
+        per_elem = per_elem / valid
+    return {"input": Stat(g.rms * per_elem, ZERO)}
+
+
+register(aten.cross_entropy_loss, name="cross_entropy", kind="loss", backward=_ce_bwd)(_ce_fwd)
+
+
+def _nll_fwd(ctx: RuleContext) -> tuple | Stat:
+    s = _require(ctx.stat("input"))
+    val = ctx.out_val
+    st = Stat(sympy.Abs(s.mean), ZERO, -s.mean)
+    if isinstance(val, (tuple, list)):
+        return (st, None)
+    return st
+
+
+def _nll_bwd(ctx: RuleContext, g: Any) -> dict:
+    if isinstance(g, tuple):
+        g = g[0]
+    valid, total = _ce_counts(ctx)
+    v = ctx.shape("input")[-1]
+    per_elem = sympy.sqrt(valid / (total * v)) / valid
+    return {"input": Stat(g.rms * per_elem, ZERO)}
+
+
+register(aten.nll_loss, aten.nll_loss_forward, aten.nll_loss_nd, name="nll_loss", kind="loss",
+         backward=_nll_bwd)(_nll_fwd)
+
+
+def _mse_fwd(ctx: RuleContext) -> Stat:
+    a, b = _require(ctx.stat("input")), _require(ctx.stat("target"))
+    val = a.rms**2 + b.rms**2
+    return Stat(val, ZERO, val)
+
+
+def _mse_bwd(ctx: RuleContext, g: Stat) -> dict:
+    a, b = _require(ctx.stat("input")), _require(ctx.stat("target"))
+    n = ctx.numel("input")
+    reduction = ctx.arg("reduction", 1)
+    d = 2 * sympy.sqrt(a.rms**2 + b.rms**2)
+    if reduction == 1:
+        d = d / n
+    out = {"self": Stat(g.rms * d, ZERO)}
+    if ctx.is_tensor("target"):
+        out["target"] = Stat(g.rms * d, ZERO)
+    return out
+
+
+register(aten.mse_loss, name="mse_loss", kind="loss", backward=_mse_bwd)(_mse_fwd)
+
+
+# ============================================================================ creation
+def _const_fwd(ctx: RuleContext) -> Stat | None:
+    v = ctx.analysis.const_value(ctx.node)
+    if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 0:
+        vv = v.double()
+        fin = vv[torch.isfinite(vv)]
+        if fin.numel() == 0:
+            return None
+        return Stat(sympy.Float(float(fin.pow(2).mean().sqrt()), 6), ONE, sympy.Float(float(fin.mean()), 6))
+    return None
+
+
+register(aten.arange, aten.zeros, aten.ones, aten.full, aten.zeros_like, aten.ones_like, aten.full_like,
+         aten.new_ones, aten.new_zeros, aten.new_full, aten.scalar_tensor, aten.lift_fresh, aten.tril,
+         aten.triu, aten.cumsum, aten.tensor if hasattr(aten, "tensor") else aten.empty,
+         name="constant", kind="other")(_const_fwd)
+
+for _op in (aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.transpose, aten.t, aten.unsqueeze,
+            aten.squeeze, aten.flatten, aten.unflatten, aten.contiguous, aten.clone, aten.alias, aten.to,
+            aten._to_copy, aten.expand, aten.slice, aten.select):
+    _PASS_THROUGH.add(_op)
+_PASS_THROUGH.update(
+    {op for packet in list(_PASS_THROUGH) for op in [getattr(packet, o) for o in packet.overloads()]}
+)
+
+_ = (Any, _S)
+
+
+# ============================================================================ unitscale_fx runtime ops
+from .. import runtime as _rt  # noqa: E402
+
+
+def _scale_value_fwd(ctx: RuleContext) -> Stat:
+    e = ctx.node.meta.get("_us_expr")
+    if e is None:
+        raise Unsupported("scale value without expression")
+    return Stat(sympy.Abs(e), ONE, e)
+
+
+register(_rt.scale_value, name="scale_value", kind="scale")(_scale_value_fwd)
+
+
+def _grad_scale_factor(ctx: RuleContext) -> sympy.Expr:
+    f = ctx.node.args[1]
+    if isinstance(f, fx.Node):
+        return f.meta["_us_expr"]
+    return sympy.sympify(f)
+
+
+def _grad_scale_fwd(ctx: RuleContext) -> Stat:
+    s = _require(ctx.stat(0))
+    return Stat(s.rms, s.corr, s.mean)
+
+
+def _grad_scale_bwd(ctx: RuleContext, g: Stat) -> dict:
+    return {"0": Stat(g.rms * _grad_scale_factor(ctx), g.corr)}
+
+
+register(_rt.grad_scale, name="grad_scale", kind="scale", backward=_grad_scale_bwd)(_grad_scale_fwd)
+
+
+def _rt_dropout_fwd(ctx: RuleContext) -> Stat:
+    s = _require(ctx.stat(0))
+    p = float(ctx.node.args[1])
+    k = 1 / math.sqrt(1 - p) if p < 1 else 1.0
+    return Stat(s.rms * sympy.Float(k, 8), s.corr * (1 - p), s.mean)
+
+
+def _rt_dropout_bwd(ctx: RuleContext, g: Stat) -> dict:
+    p = float(ctx.node.args[1])
+    return {"0": Stat(g.rms * sympy.Float(1 / math.sqrt(1 - p), 8), g.corr * (1 - p))}
+
+
+register(_rt.dropout, name="dropout", kind="dropout", backward=_rt_dropout_bwd)(_rt_dropout_fwd)
+register(_rt.attention, name="sdpa", kind="attention", backward=_sdpa_bwd)(_sdpa_fwd)

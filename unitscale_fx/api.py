@@ -1,0 +1,209 @@
+"""Public entry points: :func:`transform` and :func:`analyse`."""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .analysis.propagate import GraphAnalysis, MissingOp
+from .capture import Capture, capture, normalize_inputs
+from .config import Config
+from .errors import ConfigError, MissingRuleError
+from .passes.base import PassManager, TransformState
+from .passes.canonicalize import ModeAwareDropout, SplitBias
+from .passes.reinit import PlanInit, apply_init
+from .passes.scale_backward import UnitScaleBackward
+from .passes.scale_forward import UnitScaleForward
+
+__all__ = ["transform", "analyse", "TransformResult", "AnalysisResult", "build_passes"]
+
+
+@dataclass
+class AnalysisResult:
+    """Predicted scales of every edge of a captured graph (see :mod:`unitscale_fx.report`)."""
+
+    gm: fx.GraphModule
+    capture: Capture
+    analysis: GraphAnalysis
+    title: str = "original"
+
+    @property
+    def missing(self) -> list[MissingOp]:
+        return list(self.analysis.missing)
+
+    @property
+    def hints(self) -> dict[sympy.Symbol, int]:
+        return self.capture.hints
+
+    @property
+    def symbol_names(self) -> dict[sympy.Symbol, sympy.Symbol]:
+        return self.capture.symbol_names
+
+
+@dataclass
+class TransformResult(AnalysisResult):
+    state: TransformState | None = None
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = ["unit-scaled graph:"]
+        for pname, c in self.counts.items():
+            nz = {k: v for k, v in c.items() if v}
+            if nz:
+                lines.append(f"  {pname}: " + ", ".join(f"{k}={v}" for k, v in nz.items()))
+        if self.missing:
+            lines.append(f"  ops without a scale rule ({len(self.missing)}, left unscaled):")
+            lines += [f"    - {m}" for m in self.missing]
+        else:
+            lines.append("  every op has a scale rule")
+        return "\n".join(lines)
+
+
+def build_passes(config: Config):
+    """The pipeline, in order. Each pass is a small named unit (see unitscale_fx.passes)."""
+    passes: list = [ModeAwareDropout()]
+    if config.fuse_attention:
+        from .passes.fuse_attention import FuseAttention
+
+        passes.append(FuseAttention())
+    passes += [SplitBias(), PlanInit(init=config.init), UnitScaleForward(residual=config.residual)]
+    if config.scale_backward:
+        passes.append(UnitScaleBackward())
+    return passes
+
+
+def _bind(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Make ``gm`` read parameters, buffers and submodules from ``model`` itself."""
+    for name, mod in model._modules.items():
+        gm._modules[name] = mod
+    gm._parameters = model._parameters
+    gm._buffers = model._buffers
+
+
+def _skipped_nodes(gm: fx.GraphModule, model: nn.Module, config: Config) -> set:
+    if not config.exclude and config.filter_fn is None:
+        return set()
+    excluded: set[str] = set()
+    matched = {p: False for p in config.exclude}
+    for fqn, mod in model.named_modules():
+        if not config.owns(mod, fqn):
+            excluded.add(fqn)
+        for p in config.exclude:
+            if fqn == p or fqn.startswith(p + "."):
+                matched[p] = True
+    for p, ok in matched.items():
+        if not ok:
+            warnings.warn(f"Config.exclude entry {p!r} matches no module of {type(model).__name__}", stacklevel=3)
+    if config.filter_fn is not None and not excluded:
+        warnings.warn("Config.filter_fn excludes no module: every op is unit-scaled", stacklevel=3)
+    skipped = set()
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        for path, _ in stack.values():
+            fqn = _clean_fqn(path)
+            if fqn in excluded:
+                skipped.add(node)
+                break
+    return skipped
+
+
+def _clean_fqn(path: str) -> str:
+    # export records paths like "L['self'].transformer.h[0]" or "transformer.h.0"
+    p = path
+    for pre in ("L['self'].", "L['self']"):
+        if p.startswith(pre):
+            p = p[len(pre):]
+    return p.replace("[", ".").replace("]", "").replace("'", "").strip(".")
+
+
+def _run_pipeline(model: nn.Module, args: tuple, kwargs: dict, config: Config) -> TransformResult:
+    cap = capture(model, args, kwargs, dynamic=config.dynamic)
+    gm = cap.gm
+    _bind(gm, model)
+    state = TransformState(capture=cap, config=config, hints=dict(cap.hints))
+    state.skipped_nodes = _skipped_nodes(gm, model, config)
+    gm = PassManager(build_passes(config))(gm, state)
+    final = GraphAnalysis(gm, hints=dict(cap.hints), param_stats=dict(state.param_stats),
+                          example_values=dict(cap.example_values))
+    final.run_forward()
+    final.run_backward()
+    if config.strict and final.missing:
+        raise MissingRuleError(final.missing_message(), [(m.node, m.op, m.source) for m in final.missing])
+    if config.init == "unit":
+        apply_init(model, state.param_roles)
+    return TransformResult(gm=gm, capture=cap, analysis=final, title="transformed", state=state,
+                           counts=dict(state.counts))
+
+
+def _rebind(res: TransformResult, model: nn.Module, memo: dict) -> TransformResult:
+    new = copy.copy(res)
+    new.gm = copy.deepcopy(res.gm, memo)
+    _bind(new.gm, model)
+    return new
+
+
+def transform(model: nn.Module, example_inputs: Any = None, config: Config | None = None, **options: Any):
+    """Make ``model`` unit-scaled.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.export`` can capture (non-strict).
+        example_inputs: a tuple of positional args or a dict of keyword args, as the model is
+            called. ``None`` (default): capture happens at the first call.
+        config: a :class:`Config`; keyword ``options`` are a shortcut for ``Config(**options)``.
+
+    Returns:
+        a :class:`~unitscale_fx.module.UnitScaledModule` sharing the model's parameters.
+    """
+    from .module import UnitScaledModule
+
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"transform expects an nn.Module, got {type(model).__name__}")
+    if config is not None and options:
+        raise ConfigError("pass either config=Config(...) or keyword options, not both")
+    cfg = config if config is not None else Config(**options)
+    wrapped = UnitScaledModule(model, cfg)
+    if example_inputs is not None:
+        args, kwargs = normalize_inputs(example_inputs)
+        wrapped.prepare(*args, **kwargs)
+    return wrapped
+
+
+def analyse(model: nn.Module, example_inputs: Any, *, strict: bool = False, backward: bool = True) -> AnalysisResult:
+    """Predict the forward and backward scale of every edge of ``model``, changing nothing.
+
+    Works on models built on the ``meta`` device (no weights needed): parameter scales then stay
+    symbols ``sigma[<fqn>]``.
+    """
+    from .module import UnitScaledModule
+
+    if isinstance(model, UnitScaledModule):
+        res = model.result
+        if res is None:
+            raise ConfigError("this UnitScaledModule has not run yet; call it once or pass example_inputs to transform")
+        return res
+    args, kwargs = normalize_inputs(example_inputs)
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
+    cap_args, cap_kwargs = args, kwargs
+    if on_meta:
+        to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
+        cap_args = tuple(torch.utils._pytree.tree_map(to_meta, args))
+        cap_kwargs = torch.utils._pytree.tree_map(to_meta, kwargs)
+    cap = capture(model, cap_args, cap_kwargs)
+    if on_meta:
+        from torch.fx._pytree import tree_flatten_spec
+
+        phs = [n for n in cap.gm.graph.nodes if n.op == "placeholder"]
+        spec = cap.gm.graph._codegen.pytree_info.in_spec
+        for n, v in zip(phs, tree_flatten_spec((list(args), kwargs), spec)):
+            cap.example_values[n.name] = v
+    ga = GraphAnalysis(cap.gm, hints=dict(cap.hints), example_values=dict(cap.example_values), strict=strict)
+    ga.run_forward()
+    if backward:
+        ga.run_backward()
+    return AnalysisResult(gm=cap.gm, capture=cap, analysis=ga, title="original")

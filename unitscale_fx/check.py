@@ -1,0 +1,1314 @@
+"""Check that models are unit-scaled after the transform: one training step each, judged against criteria.
+
+``unitscale-fx check`` (or ``python -m unitscale_fx.check``) runs, for every model it is given
+(a zoo name or a ``package.module:factory`` spec):
+
+1. capture + analysis of the original model (:func:`unitscale_fx.analyse`): which ops have no
+   scale rule (node, op, user source line) and the *coverage* (fraction of ops with a rule);
+2. the transform (:func:`unitscale_fx.transform`, ``compile=False``; ``strict`` as asked);
+3. one training step of the transformed model under the scale probe
+   (:class:`unitscale_fx.probe.ScaleProbe`): the RMS of every forward and backward GEMM
+   multiplicand and of every parameter gradient;
+4. the *exact* gradient of the transformed forward: a deep copy of the original model is given the
+   transformed model's weights and transformed again with ``scale_backward=False, init="keep"``;
+   the same batch runs with the same RNG seed (same dropout masks) and every parameter's gradient
+   is compared with the unit-scaled one by cosine similarity;
+5. the verdict against :class:`Criteria` (see its docstring and ``docs/check.md``).
+
+Python API: :func:`check_model` -> :class:`ModelCheck`, :func:`check_models` -> :class:`CheckReport`.
+Command line: :func:`add_arguments` / :func:`run` (wired into ``unitscale-fx check``) and :func:`main`.
+Criteria defaults are overridden by ``[tool.unitscale_fx.check]`` (or ``[tool.unitscale_fx]``) in the
+nearest ``pyproject.toml`` and then by command-line flags.
+
+This module imports only the standard library at import time; torch is imported when a model is
+checked.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+__all__ = [
+    "Criteria",
+    "ModelCheck",
+    "CheckReport",
+    "Edge",
+    "MissingOpInfo",
+    "SCHEMA",
+    "DEFAULT_SIZES",
+    "check_model",
+    "check_models",
+    "zoo_models",
+    "load_settings",
+    "find_pyproject",
+    "add_arguments",
+    "run",
+    "main",
+]
+
+#: Value of the ``"schema"`` key of the ``--json`` report.
+SCHEMA = "unitscale_fx.check/1"
+
+#: Model sizes used by the checker unless told otherwise (small enough for CPU CI).
+DEFAULT_SIZES: dict[str, Any] = {
+    "hidden": 128,
+    "layers": 2,
+    "heads": 4,
+    "seq": 64,
+    "batch": 4,
+    "vocab": 1024,
+    "seed": 0,
+    "device": "cpu",
+}
+_SIZE_KEYS = ("hidden", "layers", "heads", "seq", "batch", "vocab", "seed", "device")
+
+
+# ------------------------------------------------------------------------------------------------
+# criteria
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What a model must satisfy to pass :func:`check_model`. Frozen; validated on construction.
+
+    Attributes:
+        min_coverage: fraction of the captured ops that must have a scale rule. Default ``1.0``:
+            every op has a rule; the ones without are named (node, op, source line).
+        band: the "unit" band is ``[1/band, band]``. Default ``2.0``: RMS in ``[1/2, 2]``.
+        min_forward: fraction of forward GEMM multiplicands (matmul/bmm/linear/SDPA/conv operands,
+            activations and weights) whose RMS is in the band. Default ``0.95``.
+        min_backward: the same for the backward GEMM multiplicands (gradients flowing back and the
+            saved operands they multiply). Default ``0.90``.
+        min_grads: the same for the parameter gradients. Default ``0.90``.
+        outer: no forward/backward multiplicand and no parameter gradient may have an RMS outside
+            ``[1/outer, outer]`` (NaN counts as outside). Default ``8.0``.
+        min_cosine: gradient validity: the cosine similarity between each parameter's unit-scaled
+            gradient and the exact gradient of the transformed forward must be at least this.
+            Default ``0.9999``.
+        loss_tolerance: initial loss sanity for language models (output logits whose last
+            dimension equals the vocabulary size): ``|loss / ln(vocab) - 1| <= loss_tolerance``.
+            Default ``0.02``. Every model's loss must be finite.
+
+    In every case the loss and all gradients must be finite (no NaN/Inf).
+    """
+
+    min_coverage: float = 1.0
+    band: float = 2.0
+    min_forward: float = 0.95
+    min_backward: float = 0.90
+    min_grads: float = 0.90
+    outer: float = 8.0
+    min_cosine: float = 0.9999
+    loss_tolerance: float = 0.02
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)):
+                raise ValueError(f"Criteria.{f.name} must be a number, got {v!r}")
+            object.__setattr__(self, f.name, float(v))
+        for name in ("min_coverage", "min_forward", "min_backward", "min_grads"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"Criteria.{name} is a fraction in [0, 1], got {getattr(self, name)!r}")
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ValueError(f"Criteria.min_cosine must be in [-1, 1], got {self.min_cosine!r}")
+        if self.band < 1.0:
+            raise ValueError(f"Criteria.band must be >= 1 (the band is [1/band, band]), got {self.band!r}")
+        if self.outer < self.band:
+            raise ValueError(f"Criteria.outer ({self.outer!r}) must be >= Criteria.band ({self.band!r})")
+        if self.loss_tolerance < 0:
+            raise ValueError(f"Criteria.loss_tolerance must be >= 0, got {self.loss_tolerance!r}")
+
+    @property
+    def lo(self) -> float:
+        return 1.0 / self.band
+
+    @property
+    def hi(self) -> float:
+        return self.band
+
+    def replace(self, **changes: Any) -> "Criteria":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, base: "Criteria | None" = None) -> "Criteria":
+        """``base`` (default: the defaults) with the criteria keys of ``data`` applied; ``-`` in keys
+        is accepted for ``_``. Unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        changes = {}
+        for k, v in data.items():
+            key = k.replace("-", "_")
+            if key not in names:
+                raise ValueError(f"unknown criterion {k!r}; known: {', '.join(sorted(names))}")
+            changes[key] = v
+        return dataclasses.replace(base or cls(), **changes)
+
+
+# ------------------------------------------------------------------------------------------------
+# results
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MissingOpInfo:
+    """An op without a scale rule: FX node name, op name and the user's source line (if known)."""
+
+    node: str
+    op: str
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        s = f"{self.op} (node {self.node})"
+        if self.source:
+            s += "\n      " + "\n      ".join(ln.strip() for ln in self.source.strip().splitlines())
+        return s
+
+
+@dataclass
+class Edge:
+    """One measured tensor: a GEMM multiplicand (``phase`` forward/backward) or a parameter gradient
+    (``phase == "grad"``, ``param`` set)."""
+
+    phase: str
+    rms: float
+    module: str | None = None
+    op: str | None = None
+    role: str | None = None
+    param: str | None = None
+    module_type: str | None = None
+
+    @property
+    def log2_rms(self) -> float:
+        if math.isnan(self.rms):
+            return math.nan
+        return math.log2(self.rms) if self.rms > 0 else -math.inf
+
+    @property
+    def badness(self) -> float:
+        if not math.isfinite(self.rms) or self.rms <= 0:
+            return math.inf
+        return abs(math.log2(self.rms))
+
+    @property
+    def where(self) -> str:
+        """``module path + op``, e.g. ``"blocks.0.attn aten.bmm.self"`` or ``"head.weight (grad)"``."""
+        if self.phase == "grad":
+            return f"{self.param} (grad)"
+        mod = self.module if self.module else ("<root>" if self.module == "" else "<unknown module>")
+        s = f"{mod} {self.op}.{self.role}"
+        if self.param:
+            s += f" [{self.param}]"
+        return s
+
+    def short(self) -> str:
+        tag = {"forward": "fwd", "backward": "bwd", "grad": "grad"}.get(self.phase, self.phase)
+        where = self.where if self.phase != "grad" else str(self.param)
+        return f"{where} ({tag}) rms={_fmt_rms(self.rms)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rms"] = _json_float(self.rms)
+        d["log2_rms"] = _json_float(self.log2_rms)
+        d["where"] = self.where
+        return d
+
+
+@dataclass
+class ModelCheck:
+    """The verdict on one model. ``None`` figures were not measured (e.g. the transform failed).
+
+    Attributes:
+        name: the zoo name or factory spec.
+        passed: every criterion holds.
+        skipped: the model could not be built because an optional dependency is missing (only for
+            models selected with ``--zoo``); a skipped model does not fail the run.
+        coverage: fraction of the captured ops that have a scale rule.
+        n_ops: number of ops the analysis judged (those with a rule plus those without).
+        missing_ops: the ops without a rule.
+        forward_in_band / backward_in_band / grads_in_band: fractions in ``[1/band, band]``.
+        counts: number of measured entries per group (forward, backward, grads).
+        outside_outer: number of entries outside ``[1/outer, outer]`` per group.
+        min_cosine / min_cosine_param: the smallest gradient cosine similarity and its parameter.
+        loss / loss_reference: the measured initial loss and ``ln(vocab)`` (language models only).
+        worst_edges: the entries furthest from RMS 1 (``|log2 rms|``), worst first (at most 5).
+        failures: one line per failed criterion.
+        error: a traceback summary when a step raised (the model then fails).
+        seconds: wall-clock time of the check.
+    """
+
+    name: str
+    passed: bool = False
+    skipped: bool = False
+    strict: bool = False
+    coverage: float | None = None
+    n_ops: int | None = None
+    missing_ops: list[MissingOpInfo] = field(default_factory=list)
+    forward_in_band: float | None = None
+    backward_in_band: float | None = None
+    grads_in_band: float | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    outside_outer: dict[str, int] = field(default_factory=dict)
+    min_cosine: float | None = None
+    min_cosine_param: str | None = None
+    low_cosine_params: list[tuple[str, float]] = field(default_factory=list)
+    loss: float | None = None
+    reference_loss: float | None = None
+    loss_reference: float | None = None
+    language_model: bool = False
+    vocab: int | None = None
+    nonfinite: list[str] = field(default_factory=list)
+    worst_edges: list[Edge] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    sizes: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def worst_edge(self) -> Edge | None:
+        return self.worst_edges[0] if self.worst_edges else None
+
+    @property
+    def status(self) -> str:
+        return "skip" if self.skipped else ("pass" if self.passed else "FAIL")
+
+    def explanation(self) -> str:
+        """Why the model failed (or a one-line summary when it passed)."""
+        if self.skipped:
+            return f"{self.name}: skipped: {self.error or ''}".rstrip()
+        head = f"{self.name}: {'passed' if self.passed else 'FAILED'}"
+        if self.passed:
+            return head
+        lines = [head]
+        for f in self.failures:
+            lines.append(f"  - {f}")
+        if self.missing_ops:
+            lines.append(f"  ops without a scale rule ({len(self.missing_ops)}):")
+            for m in self.missing_ops:
+                lines.append(f"    - {m}")
+        if self.worst_edges:
+            lines.append(f"  worst edges (furthest from RMS 1):")
+            for e in self.worst_edges[:5]:
+                lines.append(f"    - {e.short()}")
+        if self.low_cosine_params:
+            lines.append("  gradients not parallel to the exact gradient (cosine):")
+            for n, c in self.low_cosine_params[:5]:
+                lines.append(f"    - {n}: {c:.6f}")
+        if self.error:
+            lines.append("  error:")
+            lines += ["    " + ln for ln in self.error.rstrip().splitlines()]
+        return "\n".join(lines)
+
+    def assert_passed(self) -> "ModelCheck":
+        """Raise ``AssertionError`` with :meth:`explanation` unless the model passed."""
+        if not self.passed:
+            raise AssertionError(self.explanation())
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "passed": self.passed,
+            "skipped": self.skipped,
+            "strict": self.strict,
+            "coverage": self.coverage,
+            "n_ops": self.n_ops,
+            "missing_ops": [m.to_dict() for m in self.missing_ops],
+            "forward_in_band": self.forward_in_band,
+            "backward_in_band": self.backward_in_band,
+            "grads_in_band": self.grads_in_band,
+            "counts": dict(self.counts),
+            "outside_outer": dict(self.outside_outer),
+            "min_cosine": _json_float(self.min_cosine),
+            "min_cosine_param": self.min_cosine_param,
+            "low_cosine_params": [[n, _json_float(c)] for n, c in self.low_cosine_params],
+            "loss": _json_float(self.loss),
+            "reference_loss": _json_float(self.reference_loss),
+            "loss_reference": _json_float(self.loss_reference),
+            "language_model": self.language_model,
+            "vocab": self.vocab,
+            "nonfinite": list(self.nonfinite),
+            "worst_edge": self.worst_edge.to_dict() if self.worst_edge else None,
+            "worst_edges": [e.to_dict() for e in self.worst_edges],
+            "failures": list(self.failures),
+            "error": self.error,
+            "explanation": self.explanation(),
+            "warnings": list(self.warnings),
+            "sizes": dict(self.sizes),
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class CheckReport:
+    """The verdicts on several models (see :func:`check_models`)."""
+
+    models: list[ModelCheck]
+    criteria: Criteria
+    sizes: dict[str, Any] = field(default_factory=dict)
+    strict: bool = False
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        """``True`` iff every model that was not skipped passed (and at least one ran)."""
+        ran = [m for m in self.models if not m.skipped]
+        return bool(ran) and all(m.passed for m in ran)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+    @property
+    def failed(self) -> list[ModelCheck]:
+        return [m for m in self.models if not m.skipped and not m.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "passed": self.passed,
+            "criteria": self.criteria.to_dict(),
+            "sizes": dict(self.sizes),
+            "strict": self.strict,
+            "seconds": self.seconds,
+            "versions": _versions(),
+            "models": [m.to_dict() for m in self.models],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def to_junit(self) -> str:
+        """JUnit XML: one ``<testcase>`` per model; a failed model has a ``<failure>`` (criteria)
+        or an ``<error>`` (an exception), whose message and text are :meth:`ModelCheck.explanation`."""
+        import xml.etree.ElementTree as ET
+
+        n_fail = sum(1 for m in self.models if not m.skipped and not m.passed and not m.error)
+        n_err = sum(1 for m in self.models if not m.skipped and not m.passed and m.error)
+        n_skip = sum(1 for m in self.models if m.skipped)
+        root = ET.Element("testsuites", name="unitscale_fx.check", tests=str(len(self.models)),
+                          failures=str(n_fail), errors=str(n_err), skipped=str(n_skip),
+                          time=f"{self.seconds:.3f}")
+        suite = ET.SubElement(root, "testsuite", name="unitscale_fx.check", tests=str(len(self.models)),
+                              failures=str(n_fail), errors=str(n_err), skipped=str(n_skip),
+                              time=f"{self.seconds:.3f}")
+        props = ET.SubElement(suite, "properties")
+        for k, v in self.criteria.to_dict().items():
+            ET.SubElement(props, "property", name=f"criteria.{k}", value=repr(v))
+        for k, v in self.sizes.items():
+            ET.SubElement(props, "property", name=f"sizes.{k}", value=str(v))
+        ET.SubElement(props, "property", name="strict", value=str(self.strict).lower())
+        for m in self.models:
+            case = ET.SubElement(suite, "testcase", classname="unitscale_fx.check", name=m.name,
+                                 time=f"{m.seconds:.3f}")
+            text = _xml_safe(m.explanation())
+            if m.skipped:
+                ET.SubElement(case, "skipped", message=_xml_safe(m.error or "skipped"))
+            elif not m.passed:
+                tag = "error" if m.error else "failure"
+                el = ET.SubElement(case, tag, message=text,
+                                   type="MissingRuleError" if (m.error and "MissingRuleError" in m.error) else
+                                   ("Error" if m.error else "UnitScaleCheckFailure"))
+                el.text = text
+            out = ET.SubElement(case, "system-out")
+            out.text = _xml_safe(_figures_line(m))
+        ET.indent(root)
+        return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+    def table(self) -> Any:
+        """The summary as a ``rich.table.Table``."""
+        from rich.table import Table
+
+        c = self.criteria
+        t = Table(title=f"unitscale_fx check: RMS in [1/{c.band:g}, {c.band:g}], none outside "
+                        f"[1/{c.outer:g}, {c.outer:g}], cosine >= {c.min_cosine:g}")
+        t.add_column("model", no_wrap=True)
+        t.add_column("result", no_wrap=True)
+        t.add_column("coverage", justify="right")
+        t.add_column(f"fwd >= {c.min_forward:.0%}", justify="right")
+        t.add_column(f"bwd >= {c.min_backward:.0%}", justify="right")
+        t.add_column(f"grads >= {c.min_grads:.0%}", justify="right")
+        t.add_column("min cos", justify="right")
+        t.add_column("loss", justify="right")
+        t.add_column("worst edge")
+        t.add_column("time", justify="right")
+        for m in self.models:
+            res = ("[yellow]skip[/]" if m.skipped else ("[green]pass[/]" if m.passed else "[red]FAIL[/]"))
+            cov = "-" if m.coverage is None else (
+                f"{100 * m.coverage:.1f}%" + (f" ({len(m.missing_ops)} missing)" if m.missing_ops else ""))
+            w = m.worst_edge
+            t.add_row(
+                m.name, res, cov,
+                _pct(m.forward_in_band, c.min_forward),
+                _pct(m.backward_in_band, c.min_backward),
+                _pct(m.grads_in_band, c.min_grads),
+                "-" if m.min_cosine is None else _styled(f"{m.min_cosine:.6f}", m.min_cosine >= c.min_cosine),
+                "-" if m.loss is None else (f"{m.loss:.3f}" + (f" / ln V={m.loss_reference:.3f}" if m.loss_reference else "")),
+                "" if w is None else _escape(w.short()),
+                f"{m.seconds:.1f}s",
+            )
+        return t
+
+    def render(self, console: Any = None, *, explain: bool = True) -> None:
+        """Print the table, then the explanation of every failed model."""
+        from rich.console import Console
+
+        if console is None:
+            console = Console(width=None if sys.stdout.isatty() else 200)
+        console.print(self.table())
+        if explain:
+            for m in self.failed:
+                console.print()
+                console.print(_escape(m.explanation()), highlight=False)
+        ran = [m for m in self.models if not m.skipped]
+        n_pass = sum(m.passed for m in ran)
+        console.print()
+        console.print(
+            f"{n_pass}/{len(ran)} models passed"
+            + (f", {len(self.models) - len(ran)} skipped" if len(ran) != len(self.models) else "")
+            + f" in {self.seconds:.1f}s", highlight=False)
+
+    def explanation(self) -> str:
+        return "\n\n".join(m.explanation() for m in self.models if not m.passed or m.skipped)
+
+
+# ------------------------------------------------------------------------------------------------
+# checking one model
+# ------------------------------------------------------------------------------------------------
+
+
+class _Timeout(BaseException):
+    """Raised by the SIGALRM handler (a BaseException so that ``except Exception`` in user or
+    library code does not swallow it)."""
+
+
+@dataclass
+class _Built:
+    name: str
+    model: Any
+    inputs: Any
+    loss_fn: Callable | None
+    accepted: set[str]
+
+
+def _label(spec: Any) -> str:
+    if isinstance(spec, str):
+        return spec
+    mod = getattr(spec, "__module__", None) or "?"
+    qn = getattr(spec, "__qualname__", None) or getattr(spec, "__name__", None) or repr(spec)
+    return f"{mod}:{qn}"
+
+
+def _build(spec: Any, sizes: dict[str, Any]) -> _Built:
+    """Build ``(model, inputs, loss_fn)`` from a zoo name, a ``module:factory`` spec or a callable."""
+    from . import zoo
+
+    label = _label(spec)
+    if isinstance(spec, str) and ":" not in spec:
+        name, model, inputs = zoo.resolve(spec.strip(), **sizes)
+        return _Built(name, model, inputs, None, set(sizes))
+    factory = zoo.load_factory(spec) if isinstance(spec, str) else spec
+    if not callable(factory):
+        raise TypeError(f"a model is a zoo name, a 'package.module:factory' spec or a callable, got {spec!r}")
+    holder: dict[str, Any] = {}
+
+    @functools.wraps(factory)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        res = factory(*args, **kwargs)
+        if isinstance(res, tuple) and len(res) == 3:
+            if not callable(res[2]):
+                raise TypeError(f"factory {label!r} returned a 3-tuple whose third item is not a loss "
+                                f"function loss_fn(output) -> tensor: {res[2]!r}")
+            holder["loss_fn"] = res[2]
+            res = (res[0], res[1])
+        return res
+
+    kwargs = zoo._accepted_kwargs(factory, sizes)
+    model, inputs = zoo._build(wrapped, kwargs, sizes.get("seed", 0), sizes.get("device", "cpu"), label)
+    return _Built(label, model, inputs, holder.get("loss_fn"), set(kwargs))
+
+
+def _find_logits(output: Any) -> Any:
+    import torch
+
+    def ok(t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2
+
+    logits = getattr(output, "logits", None)
+    if ok(logits):
+        return logits
+    if isinstance(output, Mapping):
+        if ok(output.get("logits")):
+            return output["logits"]
+        return None
+    if isinstance(output, (tuple, list)):
+        for t in output:
+            if ok(t):
+                return t
+    return None
+
+
+def _vocab_of(built: _Built, sizes: dict[str, Any]) -> int | None:
+    if "vocab" in built.accepted:
+        return int(sizes["vocab"])
+    cfg = getattr(built.model, "config", None)
+    v = getattr(cfg, "vocab_size", None)
+    return int(v) if isinstance(v, int) else None
+
+
+def _call(model: Any, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _loss(output: Any, loss_fn: Callable | None) -> Any:
+    from . import zoo
+
+    loss = loss_fn(output) if loss_fn is not None else zoo.loss_of(output)
+    if loss.numel() != 1:
+        raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}; "
+                         "return (model, inputs, loss_fn) from the factory to say how to reduce the output")
+    return loss.reshape(())
+
+
+def _step(model: Any, inputs: Any, loss_fn: Callable | None, seed: int, probe: Any = None) -> tuple[Any, Any]:
+    """One forward + backward with the RNG seeded by ``seed`` (restored afterwards). ``.grad`` of the
+    parameters is set to ``None`` first and holds this step's gradients afterwards."""
+    import contextlib
+
+    import torch
+
+    params = list(model.parameters())
+    for p in params:
+        p.grad = None
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        if devices:
+            torch.cuda.manual_seed_all(seed)
+        with torch.enable_grad(), (probe if probe is not None else contextlib.nullcontext()):
+            output = _call(model, inputs)
+            loss = _loss(output, loss_fn)
+            if loss.requires_grad:
+                loss.backward()
+    if probe is not None:
+        probe.record_param_grads(model)
+    return output, loss.detach()
+
+
+def _edges(result: Any) -> list[Edge]:
+    edges = [Edge(r.phase, r.rms, r.module, r.op, r.role, r.param, r.module_type)
+             for r in list(result.forward) + list(result.backward)]
+    edges += [Edge("grad", v, param=n) for n, v in result.param_grads]
+    return edges
+
+
+def _missing_infos(missing: Iterable[Any]) -> list[MissingOpInfo]:
+    out, seen = [], set()
+    for m in missing:
+        if isinstance(m, (tuple, list)):
+            node, op, src = (list(m) + [None, None, None])[:3]
+        else:
+            node, op, src = m.node, m.op, m.source
+        key = (str(op), src or str(node))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(MissingOpInfo(str(node), str(op), src))
+    return out
+
+
+def _coverage(analysis_result: Any) -> tuple[float | None, int | None]:
+    from .analysis.record import META_KEY
+
+    n_rule = n_missing = 0
+    for node in analysis_result.gm.graph.nodes:
+        rec = node.meta.get(META_KEY)
+        if rec is None or node.op in ("placeholder", "get_attr", "output"):
+            continue
+        if getattr(rec, "missing", False):
+            n_missing += 1
+        elif getattr(rec, "rule", None) is not None:
+            n_rule += 1
+    total = n_rule + n_missing
+    if total == 0:
+        return None, 0
+    return n_rule / total, total
+
+
+def _cosine(a: Any, b: Any) -> float:
+    import torch
+
+    a = a.detach().double().flatten()
+    b = b.detach().double().flatten()
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    if float(na) == 0.0 and float(nb) == 0.0:
+        return 1.0
+    if float(na) == 0.0 or float(nb) == 0.0:
+        return 0.0
+    return float(torch.dot(a, b) / (na * nb))
+
+
+def _err_text(exc: BaseException, limit: int = 12) -> str:
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    text = "".join(tb).rstrip().splitlines()
+    # keep the head of the message (most informative for our own errors) and the last frames
+    if len(text) > 2 * limit:
+        text = text[:3] + ["  ..."] + text[-(2 * limit - 3):]
+    return "\n".join(text)
+
+
+def check_model(
+    name_or_factory: Any,
+    *,
+    criteria: Criteria | None = None,
+    sizes: Mapping[str, Any] | None = None,
+    strict: bool = False,
+    timeout: float | None = None,
+    loss_fn: Callable | None = None,
+    skip_unavailable: bool = False,
+) -> ModelCheck:
+    """Check one model; never raises for a model problem (the verdict says what went wrong).
+
+    Args:
+        name_or_factory: a zoo name (``"nanogpt"``), a ``"package.module:factory"`` /
+            ``"path/to/file.py:factory"`` spec, or the factory itself. The factory accepts (some of)
+            the size keywords and returns ``(model, example_inputs)`` with the loss computed in the
+            model, or ``(model, example_inputs, loss_fn)`` with ``loss_fn(output) -> scalar tensor``.
+        criteria: the :class:`Criteria` (default: the documented defaults; :func:`load_settings`
+            reads the ones of a ``pyproject.toml``).
+        sizes: ``hidden, layers, heads, seq, batch, vocab, seed, device`` (missing keys:
+            :data:`DEFAULT_SIZES`).
+        strict: transform with ``Config(strict=True)``: an op without a rule makes the transform
+            raise :class:`~unitscale_fx.MissingRuleError` and nothing else is measured. Otherwise
+            such ops are reported (the coverage criterion fails) and every other figure is measured.
+        timeout: seconds after which the check is abandoned (main thread only; ``None``: no limit).
+        loss_fn: ``loss_fn(output) -> tensor``, overriding the factory's.
+        skip_unavailable: a zoo model whose optional dependency is missing is marked skipped
+            instead of failed.
+    """
+    criteria = criteria if criteria is not None else Criteria()
+    sz = _merge_sizes(sizes)
+    label = _label(name_or_factory)
+    mc = ModelCheck(name=label, strict=bool(strict), sizes={k: v for k, v in sz.items()})
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with _deadline(timeout):
+                _check_into(mc, name_or_factory, criteria, sz, strict, loss_fn, skip_unavailable)
+        except _Timeout:
+            mc.error = f"timed out after {timeout:g} s (the check was abandoned; figures above are partial)"
+            mc.failures.append(f"timeout: the check did not finish within {timeout:g} s")
+        except _Skip as e:
+            mc.skipped = True
+            mc.error = str(e)
+        except Exception as e:  # noqa: BLE001 - every problem becomes a verdict
+            mc.error = _err_text(e)
+            mc.failures.append(f"error: {type(e).__name__}: {_first_line(str(e))}")
+    seen: set[str] = set()
+    for w in caught:
+        msg = f"{w.category.__name__}: {_first_line(str(w.message))}"
+        if msg not in seen and len(seen) < 10:
+            seen.add(msg)
+            mc.warnings.append(msg)
+    mc.seconds = time.perf_counter() - t0
+    mc.passed = not mc.skipped and not mc.failures and mc.error is None
+    return mc
+
+
+class _Skip(Exception):
+    """The model cannot be built here (optional dependency missing)."""
+
+
+def _merge_sizes(sizes: Mapping[str, Any] | None) -> dict[str, Any]:
+    sz = dict(DEFAULT_SIZES)
+    for k, v in (sizes or {}).items():
+        if k not in _SIZE_KEYS:
+            raise ValueError(f"unknown size {k!r}; known: {', '.join(_SIZE_KEYS)}")
+        if v is not None:
+            sz[k] = v
+    return sz
+
+
+def _deadline(seconds: float | None):
+    """Context manager raising :class:`_Timeout` after ``seconds`` (SIGALRM; main thread only)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        usable = (seconds is not None and seconds > 0 and hasattr(signal, "SIGALRM")
+                  and threading.current_thread() is threading.main_thread())
+        if not usable:
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            raise _Timeout()
+
+        old_handler = signal.signal(signal.SIGALRM, handler)
+        old_timer = signal.setitimer(signal.ITIMER_REAL, float(seconds))
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0.0)
+            signal.signal(signal.SIGALRM, old_handler)
+            if old_timer[0] > 0:  # re-arm an outer timer (approximately)
+                signal.setitimer(signal.ITIMER_REAL, *old_timer)
+
+    return cm()
+
+
+def _check_into(mc: ModelCheck, spec: Any, criteria: Criteria, sz: dict[str, Any], strict: bool,
+                loss_fn: Callable | None, skip_unavailable: bool) -> None:
+    import copy
+
+    import torch
+
+    from . import zoo
+    from .api import analyse, transform
+    from .config import Config
+    from .errors import MissingRuleError
+    from .probe import ScaleProbe
+
+    c = criteria
+    if skip_unavailable and isinstance(spec, str) and ":" not in spec:
+        entry = zoo.spec(spec.strip())
+        missing_req = zoo._missing_requirements(entry.requires)
+        if missing_req:
+            raise _Skip(f"needs {', '.join(missing_req)}")
+    built = _build(spec, sz)
+    mc.name = built.name
+    lf = loss_fn or built.loss_fn
+    model, inputs = built.model, built.inputs
+    seed = int(sz.get("seed", 0))
+
+    # the gradient reference needs the untouched model (the transform re-initialises in place)
+    ref_model, ref_problem = None, None
+    try:
+        ref_model = copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001
+        ref_problem = f"cannot deep-copy the model for the exact-gradient reference: {type(e).__name__}: {e}"
+
+    # 1. coverage
+    a = analyse(model, inputs)
+    mc.coverage, mc.n_ops = _coverage(a)
+    mc.missing_ops = _missing_infos(a.missing)
+
+    # 2. transform
+    try:
+        us = transform(model, inputs, config=Config(compile=False, strict=bool(strict)))
+    except MissingRuleError as e:
+        mc.missing_ops = _missing_infos(list(_as_tuples(mc.missing_ops)) + list(e.ops))
+        mc.failures.append(_coverage_failure(mc, c) or f"coverage: {len(mc.missing_ops)} op(s) without a scale rule")
+        mc.failures.append(f"strict: the transform raised MissingRuleError ({len(e.ops)} op(s) without a scale "
+                           "rule); nothing else was measured")
+        return
+    res_missing = getattr(getattr(us, "result", None), "missing", None) or []
+    if res_missing and not mc.missing_ops:
+        mc.missing_ops = _missing_infos(res_missing)  # ops without a rule the passes introduced
+    cov_fail = _coverage_failure(mc, c)
+    if cov_fail:
+        mc.failures.append(cov_fail)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    # 3. the measured step
+    probe = ScaleProbe(us)
+    output, loss = _step(us, inputs, lf, seed, probe)
+    result = probe.result()
+    grads = {n: p.grad.detach().clone() for n, p in us.named_parameters() if p.grad is not None}
+    for p in us.parameters():
+        p.grad = None
+    mc.loss = float(loss)
+    summ = result.summary(c.lo, c.hi, 1.0 / c.outer, c.outer)
+    mc.forward_in_band = summ["forward"]["fraction_in_band"]
+    mc.backward_in_band = summ["backward"]["fraction_in_band"]
+    mc.grads_in_band = summ["grads"]["fraction_in_band"]
+    mc.counts = {g: summ[g]["count"] for g in ("forward", "backward", "grads")}
+    mc.outside_outer = {g: summ[g]["outside_outer"] for g in ("forward", "backward", "grads")}
+    edges = _edges(result)
+    mc.worst_edges = sorted(edges, key=lambda e: e.badness, reverse=True)[:5]
+    need = {"forward": c.min_forward, "backward": c.min_backward, "grads": c.min_grads}
+    what = {"forward": "forward GEMM multiplicands", "backward": "backward GEMM multiplicands",
+            "grads": "parameter gradients"}
+    for g in ("forward", "backward", "grads"):
+        frac, n = summ[g]["fraction_in_band"], summ[g]["count"]
+        if frac is None:
+            mc.failures.append(f"{g}: no {what[g]} were measured")
+        elif frac < need[g]:
+            mc.failures.append(f"{g}: {100 * frac:.1f}% of {n} {what[g]} have RMS in [1/{c.band:g}, {c.band:g}] "
+                               f"(need >= {100 * need[g]:.1f}%)")
+    for g in ("forward", "backward", "grads"):
+        k = summ[g]["outside_outer"]
+        if k:
+            bad = [e for e in sorted(edges, key=lambda e: e.badness, reverse=True)
+                   if (e.phase == g or (g == "grads" and e.phase == "grad"))]
+            mc.failures.append(f"{g}: {k} of {summ[g]['count']} {what[g]} have RMS outside [1/{c.outer:g}, "
+                               f"{c.outer:g}] (worst: {bad[0].short() if bad else '?'})")
+
+    # 4. finiteness and initial loss
+    if not math.isfinite(mc.loss):
+        mc.nonfinite.append("loss")
+    mc.nonfinite += [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
+    if mc.nonfinite:
+        shown = ", ".join(mc.nonfinite[:5]) + (" ..." if len(mc.nonfinite) > 5 else "")
+        mc.failures.append(f"non-finite values (NaN/Inf) in {len(mc.nonfinite)} tensor(s): {shown}")
+    vocab = _vocab_of(built, sz)
+    logits = _find_logits(output)
+    mc.vocab = vocab
+    mc.language_model = bool(vocab and logits is not None and logits.shape[-1] == vocab)
+    if mc.language_model and vocab > 1:
+        mc.loss_reference = math.log(vocab)
+        if math.isfinite(mc.loss):
+            ratio = mc.loss / mc.loss_reference
+            if abs(ratio - 1.0) > c.loss_tolerance:
+                mc.failures.append(f"initial loss {mc.loss:.4f} is {ratio:.3f} x ln(vocab={vocab}) = "
+                                   f"{mc.loss_reference:.4f} (need within +-{c.loss_tolerance:g})")
+
+    # 5. gradient validity against the exact gradient of the transformed forward
+    if ref_model is None:
+        mc.failures.append(f"gradient validity not checked: {ref_problem}")
+        return
+    ref_model.load_state_dict(state)
+    ref = transform(ref_model, inputs, config=Config(compile=False, scale_backward=False, init="keep"))
+    _, ref_loss = _step(ref, inputs, lf, seed)
+    mc.reference_loss = float(ref_loss)
+    ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.grad is not None}
+    for p in ref.parameters():
+        p.grad = None
+    if not (math.isclose(mc.loss, mc.reference_loss, rel_tol=1e-4, abs_tol=1e-6)
+            or not (math.isfinite(mc.loss) and math.isfinite(mc.reference_loss))):
+        mc.failures.append(f"the reference transform (scale_backward=False, init='keep', same weights) gives loss "
+                           f"{mc.reference_loss:.6f}, not {mc.loss:.6f}: the forward depends on scale_backward "
+                           "or on the init")
+    cos: list[tuple[str, float]] = []
+    for n in sorted(set(grads) | set(ref_grads)):
+        if n in grads and n in ref_grads:
+            cos.append((n, _cosine(grads[n], ref_grads[n])))
+        else:
+            cos.append((n, math.nan))
+    if cos:
+        worst = min(cos, key=lambda t: (not math.isnan(t[1]), t[1]))
+        mc.min_cosine, mc.min_cosine_param = worst
+        low = sorted([t for t in cos if not (t[1] >= c.min_cosine)], key=lambda t: (not math.isnan(t[1]), t[1]))
+        mc.low_cosine_params = low
+        if low:
+            n0, v0 = low[0]
+            mc.failures.append(f"gradient validity: {len(low)} of {len(cos)} parameter gradients have cosine "
+                               f"similarity < {c.min_cosine:g} with the exact gradient (worst {n0}: "
+                               + ("missing in one of the two runs" if math.isnan(v0) else f"{v0:.6f}") + ")")
+    else:
+        mc.failures.append("gradient validity: no parameter has a gradient")
+
+
+def _as_tuples(infos: Iterable[MissingOpInfo]) -> Iterable[tuple[str, str, str | None]]:
+    for m in infos:
+        yield (m.node, m.op, m.source)
+
+
+def _coverage_failure(mc: ModelCheck, c: Criteria) -> str | None:
+    cov = mc.coverage
+    n_missing = len(mc.missing_ops)
+    if (cov is not None and cov < c.min_coverage) or (n_missing and c.min_coverage >= 1.0):
+        ops = ", ".join(sorted({m.op for m in mc.missing_ops})) or "?"
+        cov_s = "?" if cov is None else f"{100 * cov:.1f}%"
+        return (f"coverage {cov_s} < {100 * c.min_coverage:.1f}%: {n_missing} op(s) without a scale rule "
+                f"({ops})")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# checking many models
+# ------------------------------------------------------------------------------------------------
+
+
+def zoo_models(which: str = "builtin") -> list[str]:
+    """Names of the zoo models: ``"builtin"`` (shipped with unitscale_fx) or ``"all"`` (plus the
+    entry-point ones)."""
+    from . import zoo
+
+    if which == "all":
+        return zoo.names()
+    if which == "builtin":
+        return [s.name for s in zoo.specs()
+                if s.factory is not None and getattr(s.factory, "__module__", "").startswith("unitscale_fx.zoo")]
+    raise ValueError(f"--zoo must be 'builtin' or 'all', got {which!r}")
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+
+def check_models(
+    models: Sequence[Any],
+    *,
+    criteria: Criteria | None = None,
+    sizes: Mapping[str, Any] | None = None,
+    strict: bool = False,
+    workers: int = 1,
+    timeout: float | None = None,
+    skip_unavailable: bool | Sequence[bool] = False,
+    callback: Callable[[str, str, ModelCheck | None], None] | None = None,
+) -> CheckReport:
+    """Check every model of ``models`` (see :func:`check_model`); results in the given order.
+
+    ``workers > 1`` runs the models in that many processes (``ProcessPoolExecutor``, ``spawn``; each
+    process checks one model then exits, so models cannot disturb each other); factories given as
+    callables must then be picklable (module-level functions). ``skip_unavailable`` (one flag, or
+    one per model) marks zoo models whose optional dependency is missing as skipped instead of
+    failed. ``callback(event, name, result)`` is called with ``("start", name, None)`` and
+    ``("done", name, ModelCheck)``.
+    """
+    criteria = criteria if criteria is not None else Criteria()
+    sz = _merge_sizes(sizes)
+    models = list(models)
+    skips = list(skip_unavailable) if isinstance(skip_unavailable, (list, tuple)) else [bool(skip_unavailable)] * len(models)
+    if len(skips) != len(models):
+        raise ValueError("skip_unavailable: one flag per model")
+    t0 = time.perf_counter()
+    results: list[ModelCheck | None] = [None] * len(models)
+    cb = callback or (lambda *a: None)
+    workers = max(1, int(workers or 1))
+    if workers == 1 or len(models) <= 1:
+        for i, m in enumerate(models):
+            cb("start", _label(m), None)
+            results[i] = check_model(m, criteria=criteria, sizes=sz, strict=strict, timeout=timeout,
+                                     skip_unavailable=skips[i])
+            cb("done", results[i].name, results[i])
+    else:
+        import concurrent.futures as cf
+        import importlib
+        import multiprocessing as mp
+
+        mod = importlib.import_module("unitscale_fx.check")  # not __main__ under python -m
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with cf.ProcessPoolExecutor(max_workers=min(workers, len(models)), mp_context=mp.get_context("spawn"),
+                                    initializer=_worker_init, initargs=(threads,),
+                                    max_tasks_per_child=1) as pool:
+            futs = {}
+            for i, m in enumerate(models):
+                futs[pool.submit(mod.check_model, m, criteria=criteria, sizes=sz, strict=strict, timeout=timeout,
+                                 skip_unavailable=skips[i])] = i
+                cb("start", _label(m), None)
+            for fut in cf.as_completed(futs):
+                i = futs[fut]
+                try:
+                    r = fut.result()
+                except Exception as e:  # noqa: BLE001 - e.g. BrokenProcessPool, unpicklable factory
+                    r = ModelCheck(name=_label(models[i]), strict=bool(strict), sizes=dict(sz))
+                    r.error = _err_text(e)
+                    r.failures.append(f"error: the worker process failed: {type(e).__name__}: {_first_line(str(e))}"
+                                      + (" (rerun with --workers 1 to find the culprit)" if "Broken" in type(e).__name__ else ""))
+                results[i] = r
+                cb("done", r.name, r)
+    return CheckReport(models=[r for r in results if r is not None], criteria=criteria, sizes=sz,
+                       strict=bool(strict), seconds=time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------------
+# settings: pyproject.toml
+# ------------------------------------------------------------------------------------------------
+
+_SETTING_KEYS = {"models", "zoo", "strict", "workers", "timeout", *_SIZE_KEYS}
+
+
+def find_pyproject(start: str | os.PathLike | None = None) -> Path | None:
+    """The nearest ``pyproject.toml`` in ``start`` (default: the current directory) or above."""
+    p = Path(start or os.getcwd()).resolve()
+    if p.is_file():
+        return p
+    for d in (p, *p.parents):
+        f = d / "pyproject.toml"
+        if f.is_file():
+            return f
+    return None
+
+
+def load_settings(start: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Checker settings from the nearest ``pyproject.toml`` (see ``docs/check.md``).
+
+    Returns ``{"path": str | None, "criteria": {...}, "sizes": {...}, "models": [...], "zoo": ...,
+    "strict": ..., "workers": ..., "timeout": ...}`` with only the keys that are set. Criteria keys
+    are read from ``[tool.unitscale_fx]`` (other keys there are ignored: they belong to other
+    tools) and then ``[tool.unitscale_fx.check]`` (where an unknown key is an error).
+    """
+    import tomllib
+
+    path = find_pyproject(start)
+    out: dict[str, Any] = {"path": str(path) if path else None, "criteria": {}, "sizes": {}}
+    if path is None:
+        return out
+    with open(path, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML: {e}") from e
+    tool = data.get("tool", {}).get("unitscale_fx", {})
+    if not isinstance(tool, dict):
+        raise ValueError(f"{path}: [tool.unitscale_fx] must be a table")
+    crit_names = {f.name for f in dataclasses.fields(Criteria)}
+    for k, v in tool.items():
+        if k.replace("-", "_") in crit_names:
+            out["criteria"][k.replace("-", "_")] = v
+    section = tool.get("check", {})
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: [tool.unitscale_fx.check] must be a table")
+    for k, v in section.items():
+        key = k.replace("-", "_")
+        if key in crit_names:
+            out["criteria"][key] = v
+        elif key in _SIZE_KEYS:
+            out["sizes"][key] = v
+        elif key in _SETTING_KEYS:
+            out[key] = v
+        else:
+            known = sorted(crit_names | _SETTING_KEYS)
+            raise ValueError(f"{path}: unknown key {k!r} in [tool.unitscale_fx.check]; known: {', '.join(known)}")
+    try:
+        Criteria.from_mapping(out["criteria"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: [tool.unitscale_fx]: {e}") from e
+    if "models" in out and (not isinstance(out["models"], list) or not all(isinstance(m, str) for m in out["models"])):
+        raise ValueError(f"{path}: [tool.unitscale_fx.check] models must be a list of strings")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+
+_CRITERIA_FLAGS = (
+    ("--min-coverage", "min_coverage", "fraction of ops that must have a scale rule (default 1.0)"),
+    ("--band", "band", "the unit band is [1/BAND, BAND] (default 2)"),
+    ("--min-forward", "min_forward", "min fraction of forward GEMM multiplicands in band (default 0.95)"),
+    ("--min-backward", "min_backward", "min fraction of backward GEMM multiplicands in band (default 0.90)"),
+    ("--min-grads", "min_grads", "min fraction of parameter gradients in band (default 0.90)"),
+    ("--outer", "outer", "nothing may be outside [1/OUTER, OUTER] (default 8)"),
+    ("--min-cosine", "min_cosine", "min cosine similarity with the exact gradient (default 0.9999)"),
+    ("--loss-tolerance", "loss_tolerance", "max |loss/ln(vocab) - 1| for language models (default 0.02)"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``check`` options to ``parser`` (used by ``unitscale-fx check``)."""
+    parser.add_argument("models", nargs="*", metavar="MODEL",
+                        help="zoo name or 'package.module:factory' (also 'path/to/file.py:factory')")
+    parser.add_argument("--zoo", choices=("builtin", "all"), default=None,
+                        help="check every built-in zoo model (or 'all': plus entry-point models); "
+                             "models whose optional dependency is missing are skipped")
+    parser.add_argument("--json", metavar="FILE", dest="json_file", default=None,
+                        help=f"write the results as JSON (schema {SCHEMA!r}, see docs/check.md)")
+    parser.add_argument("--junit", metavar="FILE", dest="junit_file", default=None,
+                        help="write JUnit XML (one testcase per model)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="check models in N processes (default 1)")
+    parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
+                        help="an op without a scale rule makes the transform raise MissingRuleError "
+                             "(default: reported, model fails coverage, the rest is still measured)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="give up on a model after this many seconds (default: no limit)")
+    g = parser.add_argument_group("model sizes (default: " + ", ".join(
+        f"{k}={v}" for k, v in DEFAULT_SIZES.items() if k != "device") + ")")
+    for k in ("hidden", "layers", "heads", "seq", "batch", "vocab", "seed"):
+        g.add_argument(f"--{k}", type=int, default=None)
+    g.add_argument("--device", default=None, help="device to build and run the models on (default cpu)")
+    cg = parser.add_argument_group("criteria (override [tool.unitscale_fx] in pyproject.toml)")
+    for flag, dest, help_ in _CRITERIA_FLAGS:
+        cg.add_argument(flag, dest=f"crit_{dest}", type=float, default=None, help=help_)
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help="pyproject.toml to read (default: the nearest one from the current directory up)")
+    parser.add_argument("--no-config", action="store_true", help="ignore pyproject.toml")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print only the table")
+    return parser
+
+
+def _progress(total: int, quiet: bool):
+    """(callback, context manager) showing progress on stderr: a rich bar on a terminal, one line
+    per finished model otherwise."""
+    import contextlib
+
+    done = {"n": 0}
+    if sys.stderr.isatty() and not quiet:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        prog = Progress(TextColumn("[bold]check[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.description}"), console=Console(stderr=True), transient=True)
+        task = prog.add_task("", total=total)
+        running: list[str] = []
+
+        def cb(event: str, name: str, res: ModelCheck | None) -> None:
+            if event == "start":
+                running.append(name)
+            else:
+                if name in running:
+                    running.remove(name)
+                prog.advance(task)
+                mark = "[green]pass[/]" if res and res.passed else ("[yellow]skip[/]" if res and res.skipped else "[red]FAIL[/]")
+                prog.console.print(f"{_escape(name)}: {mark} ({res.seconds:.1f}s)" if res else name)
+            prog.update(task, description=_escape(", ".join(running[-3:])))
+
+        return cb, prog
+
+    def cb_plain(event: str, name: str, res: ModelCheck | None) -> None:
+        if quiet or event != "done" or res is None:
+            return
+        done["n"] += 1
+        print(f"[{done['n']}/{total}] {name}: {res.status} ({res.seconds:.1f}s)", file=sys.stderr, flush=True)
+
+    return cb_plain, contextlib.nullcontext()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``unitscale-fx check`` with parsed ``args``; returns the exit code (0: every model passed,
+    1: a model failed, 2: a usage or configuration error)."""
+    try:
+        settings = {"criteria": {}, "sizes": {}} if getattr(args, "no_config", False) else load_settings(args.config)
+        crit = Criteria.from_mapping(settings["criteria"])
+        overrides = {d: getattr(args, f"crit_{d}") for _, d, _ in _CRITERIA_FLAGS
+                     if getattr(args, f"crit_{d}", None) is not None}
+        crit = crit.replace(**overrides) if overrides else crit
+        sizes = dict(settings["sizes"])
+        sizes.update({k: getattr(args, k) for k in _SIZE_KEYS if getattr(args, k, None) is not None})
+        _merge_sizes(sizes)
+        models: list[str] = list(args.models or [])
+        skips = [False] * len(models)
+        zoo_sel = args.zoo or (settings.get("zoo") if not models else None)
+        if not models and not zoo_sel:
+            models = list(settings.get("models") or [])
+            skips = [False] * len(models)
+        if zoo_sel:
+            extra = [m for m in zoo_models(zoo_sel) if m not in models]
+            models += extra
+            skips += [True] * len(extra)
+        if not models:
+            print("unitscale-fx check: no model given: pass MODEL names / 'module:factory' specs, --zoo builtin, "
+                  "or set models = [...] in [tool.unitscale_fx.check]", file=sys.stderr)
+            return 2
+        strict = bool(args.strict if args.strict is not None else settings.get("strict", False))
+        workers = int(args.workers if args.workers is not None else settings.get("workers", 1))
+        timeout = args.timeout if args.timeout is not None else settings.get("timeout")
+        if workers < 1:
+            raise ValueError("--workers must be >= 1")
+    except (ValueError, TypeError, OSError) as e:
+        print(f"unitscale-fx check: {e}", file=sys.stderr)
+        return 2
+
+    cb, ctx = _progress(len(models), bool(getattr(args, "quiet", False)))
+    with ctx:
+        report = check_models(models, criteria=crit, sizes=sizes, strict=strict, workers=workers,
+                              timeout=timeout, skip_unavailable=skips, callback=cb)
+    report.render()
+    try:
+        if args.json_file:
+            Path(args.json_file).write_text(report.to_json() + "\n")
+        if args.junit_file:
+            Path(args.junit_file).write_text(report.to_junit())
+    except OSError as e:
+        print(f"unitscale-fx check: cannot write a report: {e}", file=sys.stderr)
+        return 2
+    return report.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m unitscale_fx.check [options]``: the same as ``unitscale-fx check``."""
+    parser = argparse.ArgumentParser(prog="unitscale-fx check", description=(__doc__ or "").splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    return run(args)
+
+
+# ------------------------------------------------------------------------------------------------
+# small helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _first_line(s: str) -> str:
+    s = s.strip()
+    return s.splitlines()[0] if s else ""
+
+
+def _json_float(v: float | None) -> float | str | None:
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else str(v)
+
+
+def _fmt_rms(v: float) -> str:
+    return f"{v:.3g}" if math.isfinite(v) else str(v)
+
+
+def _escape(s: str) -> str:
+    from rich.markup import escape
+
+    return escape(s)
+
+
+def _styled(text: str, ok: bool) -> str:
+    return f"[{'green' if ok else 'red'}]{text}[/]"
+
+
+def _pct(frac: float | None, need: float) -> str:
+    if frac is None:
+        return "-"
+    return _styled(f"{100 * frac:.1f}%", frac >= need)
+
+
+def _figures_line(m: ModelCheck) -> str:
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    cos = "-" if m.min_cosine is None else f"{m.min_cosine:.6f}"
+    return (f"coverage={f(m.coverage)} forward_in_band={f(m.forward_in_band)} "
+            f"backward_in_band={f(m.backward_in_band)} grads_in_band={f(m.grads_in_band)} "
+            f"min_cosine={cos} loss={m.loss} seconds={m.seconds:.2f}")
+
+
+def _xml_safe(s: str) -> str:
+    return "".join(ch for ch in s if ch in "\t\n\r" or ord(ch) >= 0x20)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    try:
+        from importlib.metadata import version
+
+        out["unitscale_fx"] = version("unitscale_fx")
+    except Exception:  # noqa: BLE001
+        pass
+    t = sys.modules.get("torch")
+    if t is not None:
+        out["torch"] = getattr(t, "__version__", "?")
+    return out
+
+
+if __name__ == "__main__":
+    from unitscale_fx.check import main as _main  # the importable module, not __main__ (spawn workers)
+
+    sys.exit(_main())

@@ -1,0 +1,108 @@
+"""Pass infrastructure: small named passes, run in an explicit order with checks after each.
+
+A pass is a frozen dataclass with a ``name``; its fields are its options. ``pass_(gm, state)``
+returns a :class:`PassResult`. The :class:`PassManager` lints the graph after every pass and wraps
+failures in :class:`~unitscale_fx.errors.PassError` naming the pass and those that ran before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+
+from ..errors import PassError, UnitScaleError
+from ..runtime import register_expr, scale_value
+
+__all__ = ["Pass", "PassResult", "PassManager", "TransformState", "materialize"]
+
+
+@dataclass
+class PassResult:
+    gm: fx.GraphModule
+    modified: bool
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class TransformState:
+    """What passes share: the capture, the config, and what earlier passes found."""
+
+    capture: Any
+    config: Any
+    hints: dict[sympy.Symbol, int] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    param_roles: dict[str, str] = field(default_factory=dict)
+    param_stats: dict[str, Any] = field(default_factory=dict)
+    original_analysis: Any = None
+    final_analysis: Any = None
+    skipped_nodes: set = field(default_factory=set)
+    _size_nodes: dict[sympy.Symbol, fx.Node] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: ClassVar[str] = "pass"
+
+    def __call__(self, gm: fx.GraphModule, state: TransformState) -> PassResult:  # pragma: no cover
+        raise NotImplementedError
+
+
+class PassManager:
+    """Runs passes in order; lints and recompiles after each; names the failing pass."""
+
+    def __init__(self, passes: Sequence[Pass]):
+        self.passes = list(passes)
+
+    def __call__(self, gm: fx.GraphModule, state: TransformState) -> fx.GraphModule:
+        ran: list[str] = []
+        for p in self.passes:
+            try:
+                res = p(gm, state)
+                gm = res.gm
+                gm.graph.lint()
+                gm.recompile()
+            except UnitScaleError:
+                raise
+            except Exception as e:
+                raise PassError(
+                    f"pass {p.name!r} failed (after: {', '.join(ran) or 'none'}): {type(e).__name__}: {e}"
+                ) from e
+            state.counts[p.name] = dict(res.counts)
+            ran.append(p.name)
+        return gm
+
+
+def _size_node(gm: fx.GraphModule, state: TransformState, s: sympy.Symbol) -> fx.Node:
+    if s in state._size_nodes:
+        return state._size_nodes[s]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for ph in placeholders:
+        val = ph.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        for d, dim in enumerate(val.shape):
+            if isinstance(dim, torch.SymInt) and dim.node.expr == s:
+                with gm.graph.inserting_after(placeholders[-1]):
+                    node = gm.graph.call_function(torch.ops.aten.sym_size.int, (ph, d))
+                node.meta["val"] = dim
+                state._size_nodes[s] = node
+                return node
+    raise UnitScaleError(f"no input dimension carries the shape symbol {s}")
+
+
+def materialize(gm: fx.GraphModule, state: TransformState, expr: Any, before: fx.Node) -> Any:
+    """A graph value for the scale ``expr``: a float, or a node computing it from input sizes."""
+    e = sympy.sympify(expr)
+    if not e.free_symbols:
+        return float(e.evalf())
+    syms = sorted(e.free_symbols, key=str)
+    sizes = [_size_node(gm, state, s) for s in syms]
+    key = register_expr(e, syms)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(scale_value, (key, *sizes))
+    node.meta["val"] = torch.empty((), dtype=torch.float64, device="meta")
+    node.meta["_us_expr"] = e
+    return node

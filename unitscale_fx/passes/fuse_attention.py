@@ -1,0 +1,232 @@
+"""Fuse hand-written attention into one scaled-dot-product-attention call.
+
+Recognised (each intermediate must have exactly one user, else the pattern does not fire)::
+
+    s = matmul(q, transpose(k, -2, -1))          # or bmm / k.mT / permute
+    s = s * c   |  s / c                          # optional constant scale
+    s = masked_fill(s, mask, -inf) | s + m        # optional boolean mask or constant additive mask
+    p = softmax(s.float(), -1).to(dtype)          # optional up-cast and cast back
+    p = dropout(p)                                # optional
+    o = matmul(p, v)
+
+It does **not** fire when the scores or probabilities are used by anything else (returned
+attention weights), when anything else is applied to the scores (``tanh`` soft-capping...), when the
+additive mask carries a gradient (a learned position bias) or depends on nothing it can evaluate.
+Causal masks proven equal to ``tril`` become ``is_causal=True``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+
+from ..runtime import attention as rt_attention
+from ..runtime import dropout as rt_dropout
+from .base import Pass, PassResult, TransformState
+
+aten = torch.ops.aten
+
+__all__ = ["FuseAttention"]
+
+_MATMUL = (aten.matmul, aten.bmm)
+_CASTS = (aten.to, aten._to_copy)
+
+
+def _packet(n: Any) -> Any:
+    return getattr(getattr(n, "target", None), "overloadpacket", getattr(n, "target", None))
+
+
+def _single_user(n: fx.Node) -> bool:
+    return len(n.users) == 1
+
+
+def _is_last_two_transpose(n: fx.Node) -> fx.Node | None:
+    """``k`` if ``n`` is ``k`` with its last two dims swapped."""
+    if not isinstance(n, fx.Node) or n.op != "call_function":
+        return None
+    p = _packet(n)
+    nd = n.args[0].meta["val"].dim() if isinstance(n.args[0], fx.Node) and "val" in n.args[0].meta else None
+    if nd is None:
+        return None
+    if p is aten.transpose:
+        d0, d1 = (a % nd for a in n.args[1:3])
+        if {d0, d1} == {nd - 1, nd - 2}:
+            return n.args[0]
+    if p is aten.permute:
+        perm = [a % nd for a in n.args[1]]
+        if perm == list(range(nd - 2)) + [nd - 1, nd - 2]:
+            return n.args[0]
+    return None
+
+
+@dataclass(frozen=True)
+class FuseAttention(Pass):
+    name: ClassVar[str] = "fuse_attention"
+
+    def __call__(self, gm: fx.GraphModule, state: TransformState) -> PassResult:
+        counts = {"fused": 0, "causal": 0, "masked": 0, "rejected": 0}
+        from ..analysis.propagate import GraphAnalysis
+
+        ga = GraphAnalysis(gm, hints=dict(state.hints), example_values=dict(state.capture.example_values))
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or _packet(node) not in (aten.softmax, aten._softmax):
+                continue
+            if node in state.skipped_nodes:
+                continue
+            match = self._match(node, ga)
+            if match is None:
+                counts["rejected"] += 1
+                continue
+            self._rewrite(gm, match, counts)
+        gm.graph.eliminate_dead_code()
+        return PassResult(gm, counts["fused"] > 0, counts)
+
+    def _match(self, softmax: fx.Node, ga) -> dict | None:
+        dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
+        if dim not in (-1, softmax.meta["val"].dim() - 1):
+            return None
+        if not _single_user(softmax):
+            return None
+        nodes = [softmax]
+        # ---- walk down: cast back, dropout, matmul with v
+        cur = softmax
+        user = next(iter(cur.users))
+        dropout_p = 0.0
+        mode = None
+        while True:
+            p = _packet(user)
+            if p in _CASTS and _single_user(user):
+                nodes.append(user)
+                cur, user = user, next(iter(user.users))
+                continue
+            if (user.target is rt_dropout or p is aten.dropout) and _single_user(user):
+                dropout_p = float(user.args[1])
+                if user.target is rt_dropout:
+                    mode = user.args[2]
+                elif not (user.args[2] if len(user.args) > 2 else True):
+                    dropout_p = 0.0
+                nodes.append(user)
+                cur, user = user, next(iter(user.users))
+                continue
+            break
+        if _packet(user) not in _MATMUL or user.args[0] is not cur:
+            return None
+        out, v = user, user.args[1]
+        # ---- walk up: cast, mask, scale, matmul(q, k^T)
+        cur = softmax.args[0]
+        mask_bool = None
+        add_mask = None
+        scale = 1.0
+        while isinstance(cur, fx.Node) and cur.op == "call_function":
+            p = _packet(cur)
+            if not _single_user(cur):
+                return None
+            if p in _CASTS:
+                nodes.append(cur)
+                cur = cur.args[0]
+                continue
+            if p is aten.masked_fill and mask_bool is None and add_mask is None:
+                value = cur.args[2]
+                if not (isinstance(value, float) and value == float("-inf")):
+                    return None
+                mask_bool = cur.args[1]
+                nodes.append(cur)
+                cur = cur.args[0]
+                continue
+            if p is aten.add and add_mask is None and mask_bool is None:
+                a, b = cur.args[0], cur.args[1]
+                if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+                    return None
+                # the mask is the operand that carries no gradient
+                ga_rg = _requires_grad_chain(b)
+                if ga_rg:
+                    return None
+                add_mask = b
+                nodes.append(cur)
+                cur = a
+                continue
+            if p in (aten.mul, aten.div) and isinstance(cur.args[1], (int, float)):
+                scale = scale * (cur.args[1] if p is aten.mul else 1.0 / cur.args[1])
+                nodes.append(cur)
+                cur = cur.args[0]
+                continue
+            break
+        if not (isinstance(cur, fx.Node) and _packet(cur) in _MATMUL and _single_user(cur)):
+            return None
+        q, kt = cur.args[0], cur.args[1]
+        k = _is_last_two_transpose(kt)
+        if k is None:
+            return None
+        nodes.append(cur)
+        qv, kv, vv = (x.meta.get("val") for x in (q, k, v))
+        if any(not isinstance(t, torch.Tensor) for t in (qv, kv, vv)) or qv.dim() < 3:
+            return None
+        if qv.dim() != kv.dim() or kv.dim() != vv.dim():
+            return None
+        causal = False
+        if mask_bool is not None:
+            m = ga.const_value(mask_bool)
+            if m is None:
+                return None
+            sq, sk = int(qv.shape[-2]) if not isinstance(qv.shape[-2], torch.SymInt) else None, None
+            allowed = ~m.bool()
+            n_q, n_k = allowed.shape[-2], allowed.shape[-1]
+            tril = torch.ones(n_q, n_k, dtype=torch.bool).tril()
+            if n_q == n_k and bool((allowed.reshape(-1, n_q, n_k) == tril).all()):
+                causal = True
+            _ = (sq, sk)
+        if add_mask is not None and ga.const_value(add_mask) is None and add_mask.op == "placeholder":
+            pass
+        return dict(q=q, k=k, v=v, out=out, kt=kt, nodes=nodes, scale=scale, mask_bool=mask_bool,
+                    add_mask=add_mask, causal=causal, dropout_p=dropout_p, mode=mode)
+
+    def _rewrite(self, gm: fx.GraphModule, m: dict, counts: dict) -> None:
+        out = m["out"]
+        g = gm.graph
+        with g.inserting_before(out):
+            mask = None
+            if m["mask_bool"] is not None and not m["causal"]:
+                mask = g.call_function(aten.logical_not.default, (m["mask_bool"],))
+                mask.meta["val"] = torch.logical_not(m["mask_bool"].meta["val"]) if "val" in m["mask_bool"].meta else None
+            elif m["add_mask"] is not None:
+                mask = m["add_mask"]
+            if m["dropout_p"] > 0 and m["mode"] is not None:
+                new = g.call_function(rt_attention, (), dict(
+                    query=m["q"], key=m["k"], value=m["v"], attn_mask=mask, dropout_p=m["dropout_p"],
+                    mode=m["mode"], is_causal=m["causal"], scale=float(m["scale"])))
+            else:
+                new = g.call_function(aten.scaled_dot_product_attention.default, (m["q"], m["k"], m["v"]), dict(
+                    attn_mask=mask, dropout_p=m["dropout_p"], is_causal=m["causal"], scale=float(m["scale"])))
+        new.meta.update({k: v for k, v in out.meta.items() if k != "unitscale"})
+        out.replace_all_uses_with(new)
+        for n in [out] + m["nodes"]:
+            if not n.users and n.graph is g:
+                g.erase_node(n)
+        if not m["kt"].users:
+            g.erase_node(m["kt"])
+        counts["fused"] += 1
+        counts["causal" if m["causal"] else "masked"] += int(m["causal"] or mask is not None)
+
+
+def _requires_grad_chain(n: fx.Node, depth: int = 0) -> bool:
+    """Whether ``n`` depends on a parameter or a floating user input that needs a gradient."""
+    if depth > 64:
+        return True
+    if n.op == "get_attr":
+        t = n.meta.get("val")
+        return isinstance(t, torch.nn.Parameter) or bool(getattr(t, "requires_grad", False)) or _attr_is_param(n)
+    if n.op == "placeholder":
+        return False
+    return any(_requires_grad_chain(a, depth + 1) for a in n.all_input_nodes)
+
+
+def _attr_is_param(n: fx.Node) -> bool:
+    try:
+        obj = n.graph.owning_module
+        for part in str(n.target).split("."):
+            obj = getattr(obj, part)
+        return isinstance(obj, torch.nn.Parameter)
+    except AttributeError:
+        return False

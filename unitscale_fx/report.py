@@ -1,0 +1,1229 @@
+"""Scale annotations of a captured graph: what the analysis predicts (and, optionally, what one
+training step measured) for every edge, as text, a ``rich`` tree, JSON or a plot.
+
+    res = unitscale_fx.analyse(model, batch)          # or transform(...).result
+    report = build_report(res)                        # predictions only
+    report = unitscale_fx.track(model, batch)         # predictions + measurements
+    print_report(report)                              # rich on a terminal, plain text otherwise
+    report.to_json("scales.json")
+
+The JSON layout is versioned (:data:`SCHEMA`) and documented in ``docs/report_schema.md``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import sympy
+import torch
+import torch.fx as fx
+
+from .analysis.record import META_KEY, ScaleRecord, Stat
+
+__all__ = [
+    "SCHEMA", "FORMATS", "Report", "NodeReport", "StatEntry", "FactorEntry", "build_report",
+    "print_report", "format_expr", "eval_expr", "band_of",
+]
+
+#: Version tag of the JSON layout; bumped on any incompatible change.
+SCHEMA = "unitscale_fx.report/1"
+
+#: Formats of the headroom columns, in display order.
+FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp16", "bf16")
+
+_DIRS = ("fwd", "bwd")
+_TEXT_EXPR_MAX = 48  # longest symbolic expression shown inline in the text dump
+_JSON_EXPR_NODES = 400  # sympy tree nodes printed in JSON before eliding with "…"
+_TEXT_EXPR_NODES = 40
+
+
+# ============================================================================================
+# expressions: evaluation and printing
+# ============================================================================================
+
+_EULER_GAMMA = 0.5772156649015329
+
+
+def _digamma(x: float) -> float:
+    r = 0.0
+    if x <= 0 and x == math.floor(x):
+        raise ZeroDivisionError("digamma pole")
+    while x < 6.0:
+        r -= 1.0 / x
+        x += 1.0
+    f = 1.0 / (x * x)
+    return r + math.log(x) - 0.5 / x - f * (1 / 12 - f * (1 / 120 - f * (1 / 252 - f * (1 / 240 - f / 132))))
+
+
+def _minmax(fn):
+    return lambda *a: fn(a)
+
+
+_FUNCS: dict[str, Any] = {
+    "exp": math.exp,
+    "log": lambda x, b=None: math.log(x) if b is None else math.log(x) / math.log(b),
+    "Abs": abs,
+    "sin": math.sin,
+    "cos": math.cos,
+    "tan": math.tan,
+    "tanh": math.tanh,
+    "atan": math.atan,
+    "erf": math.erf,
+    "erfc": math.erfc,
+    "gamma": math.gamma,
+    "loggamma": math.lgamma,
+    "floor": math.floor,
+    "ceiling": math.ceil,
+    "sign": lambda x: float((x > 0) - (x < 0)),
+    "Min": _minmax(min),
+    "Max": _minmax(max),
+    "digamma": _digamma,
+    "polygamma": lambda n, x: _digamma(x) if n == 0 else float("nan"),
+    "harmonic": lambda n: _digamma(n + 1.0) + _EULER_GAMMA,
+    "Heaviside": lambda x, h0=0.5: 1.0 if x > 0 else (0.0 if x < 0 else h0),
+}
+
+_RELS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
+
+
+class _Evaluator:
+    """Fast float evaluation of (large, shared) sympy expression DAGs.
+
+    ``sympy.evalf`` on the expressions of deep models is slow (its cost follows the printed tree,
+    which can be exponentially larger than the DAG). This walks each distinct sub-expression once,
+    with ``math`` functions, and caches across calls.
+    """
+
+    def __init__(self, env: Mapping[Any, float]):
+        self.env = {k: float(v) for k, v in env.items()}
+        self.by_name = {str(k): float(v) for k, v in env.items()}
+        self.cache: dict[Any, float | None] = {}
+
+    def __call__(self, expr: Any) -> float | None:
+        if expr is None:
+            return None
+        if isinstance(expr, (int, float)) and not isinstance(expr, bool):
+            return float(expr)
+        try:
+            e = sympy.sympify(expr)
+        except (sympy.SympifyError, TypeError):
+            return None
+        old = sys.getrecursionlimit()
+        try:
+            sys.setrecursionlimit(max(old, 20000))
+            v = self._ev(e)
+        except RecursionError:
+            v = self._slow(e)
+        finally:
+            sys.setrecursionlimit(old)
+        if v is None or isinstance(v, complex):
+            return None
+        return float(v)
+
+    def _slow(self, e: sympy.Basic) -> float | None:
+        try:
+            sub = {s: sympy.Float(self._sym(s)) for s in e.free_symbols if self._sym(s) is not None}
+            v = complex(e.xreplace(sub).evalf())
+            return v.real if abs(v.imag) < 1e-12 * max(1.0, abs(v.real)) else None
+        except (TypeError, ValueError, OverflowError, AttributeError):
+            return None
+
+    def _sym(self, s: sympy.Symbol) -> float | None:
+        v = self.env.get(s)
+        if v is None:
+            v = self.by_name.get(str(s))
+        return v
+
+    def _ev(self, e: Any) -> float | None:
+        try:
+            return self.cache[e]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable
+            return None
+        v = self._compute(e)
+        if isinstance(v, complex):
+            v = None
+        self.cache[e] = v
+        return v
+
+    def _compute(self, e: Any) -> float | None:
+        if isinstance(e, bool) or e is sympy.true or e is sympy.false:
+            return float(bool(e))
+        if e.is_Number or isinstance(e, sympy.NumberSymbol):
+            try:
+                return float(e)
+            except (TypeError, ValueError, OverflowError):
+                return None
+        if e.is_Symbol:
+            return self._sym(e)
+        if e is sympy.zoo or e is sympy.nan:
+            return float("nan")
+        if e is sympy.oo:
+            return math.inf
+        if e is sympy.S.NegativeInfinity:
+            return -math.inf
+        try:
+            if e.is_Add:
+                total = 0.0
+                for a in e.args:
+                    v = self._ev(a)
+                    if v is None:
+                        return None
+                    total += v
+                return total
+            if e.is_Mul:
+                prod = 1.0
+                for a in e.args:
+                    v = self._ev(a)
+                    if v is None:
+                        return None
+                    prod *= v
+                return prod
+            if e.is_Pow:
+                b, x = self._ev(e.args[0]), self._ev(e.args[1])
+                if b is None or x is None:
+                    return None
+                if b == 0 and x < 0:
+                    return math.inf
+                r = b**x
+                return None if isinstance(r, complex) else float(r)
+            if isinstance(e, sympy.Piecewise):
+                for expr, cond in e.args:
+                    c = self._ev(cond)
+                    if c is None:
+                        return self._slow(e)
+                    if c:
+                        return self._ev(expr)
+                return None
+            if isinstance(e, sympy.core.relational.Relational):
+                a, b = self._ev(e.lhs), self._ev(e.rhs)
+                fn = _RELS.get(e.rel_op)
+                if a is None or b is None or fn is None:
+                    return None
+                return float(fn(a, b))
+            if isinstance(e, (sympy.And, sympy.Or, sympy.Not)):
+                vals = [self._ev(a) for a in e.args]
+                if any(v is None for v in vals):
+                    return None
+                if isinstance(e, sympy.Not):
+                    return float(not vals[0])
+                return float(all(vals) if isinstance(e, sympy.And) else any(vals))
+            fn = _FUNCS.get(type(e).__name__)
+            if fn is not None:
+                args = [self._ev(a) for a in e.args]
+                if any(a is None for a in args):
+                    return None
+                return float(fn(*args))
+        except (ValueError, ZeroDivisionError, OverflowError, TypeError):
+            return None
+        return self._slow(e)
+
+
+def eval_expr(expr: Any, env: Mapping[Any, float] | None = None) -> float | None:
+    """Float value of a sympy expression with symbols bound by ``env`` (``None`` if not numeric)."""
+    return _Evaluator(env or {})(expr)
+
+
+def _num(v: float, digits: int = 4) -> str:
+    """A float with ``digits`` significant digits, no trailing zeros (``1.0 -> "1"``)."""
+    if v is None:
+        return "?"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if v == 0:
+        return "0"
+    s = f"{v:.{digits}g}"
+    if "e" in s:
+        mant, exp = s.split("e")
+        s = f"{mant}e{int(exp)}"
+    return s
+
+
+def _tree_size(e: Any, limit: int) -> int:
+    n, stack = 0, [e]
+    while stack:
+        x = stack.pop()
+        n += 1
+        if n > limit:
+            return n
+        stack.extend(getattr(x, "args", ()))
+    return n
+
+
+_FN_NAMES = {"Abs": "abs", "Min": "min", "Max": "max", "ceiling": "ceil", "loggamma": "lgamma"}
+
+
+class _Printer:
+    """A small, readable printer: ``d_model**(-1/2)``, ``sqrt(batch*seq)``, floats to 4 digits,
+    export symbols (``s72``) renamed (``batch``). ``budget`` bounds the number of sub-expressions
+    printed; what is left over prints as ``…``."""
+
+    def __init__(self, names: Mapping[str, str], budget: int | None = None, digits: int = 4):
+        self.names = dict(names)
+        self.budget = budget
+        self.digits = digits
+        self.ordered = True
+
+    def __call__(self, e: Any) -> str:
+        if e is None:
+            return ""
+        if isinstance(e, (int, float)) and not isinstance(e, bool):
+            return _num(float(e), self.digits)
+        try:
+            e = sympy.sympify(e)
+        except (sympy.SympifyError, TypeError):
+            return str(e)
+        if self.budget is not None:
+            self.ordered = _tree_size(e, self.budget) <= self.budget
+        if not e.free_symbols and not e.is_Number and e.has(sympy.Float):
+            v = eval_expr(e)
+            if v is not None:
+                return _num(v, self.digits)
+        try:
+            return self._p(e)
+        except RecursionError:
+            return "…"
+
+    # -- helpers
+    def _take(self) -> bool:
+        if self.budget is None:
+            return True
+        self.budget -= 1
+        return self.budget >= 0
+
+    def _paren(self, e: Any, s: str) -> str:
+        if e.is_Add or e.is_Mul or e.is_Pow or (e.is_Rational and not e.is_Integer) or (
+            e.is_Number and e.is_negative
+        ) or isinstance(e, sympy.Float) and "e" in s:
+            return f"({s})"
+        return s
+
+    def _p(self, e: Any) -> str:
+        if not self._take():
+            return "…"
+        if e.is_Integer:
+            return str(int(e))
+        if e.is_Rational:
+            return f"{e.p}/{e.q}"
+        if e.is_Float:
+            return _num(float(e), self.digits)
+        if isinstance(e, sympy.NumberSymbol) or e in (sympy.oo, sympy.S.NegativeInfinity, sympy.zoo, sympy.nan):
+            return str(e)
+        if e.is_Symbol:
+            return self.names.get(e.name, e.name)
+        if e.is_Add:
+            return self._add(e)
+        if e.is_Mul:
+            return self._mul(e)
+        if e.is_Pow:
+            return self._pow(e.args[0], e.args[1])
+        if isinstance(e, sympy.polygamma) and e.args[0] == 0:
+            return f"digamma({self._p(e.args[1])})"
+        if isinstance(e, sympy.Function) or isinstance(e, sympy.Min) or isinstance(e, sympy.Max):
+            name = type(e).__name__
+            name = _FN_NAMES.get(name, name)
+            return f"{name}({', '.join(self._p(a) for a in e.args)})"
+        renamed = e.xreplace({s: sympy.Symbol(self.names[s.name]) for s in e.free_symbols
+                              if isinstance(s, sympy.Symbol) and s.name in self.names})
+        return sympy.sstr(renamed)
+
+    def _add(self, e: sympy.Add) -> str:
+        terms = list(e.as_ordered_terms()) if self.ordered else list(e.args)
+        if any(t.is_Float for t in terms):  # inexact: fold the numeric terms into one number
+            const = [t for t in terms if not t.free_symbols]
+            if len(const) > 1 or (const and not const[0].is_Number):
+                v = eval_expr(sympy.Add(*const))
+                if v is not None:
+                    terms = [t for t in terms if t.free_symbols] + ([sympy.Float(v)] if v != 0 else [])
+        out = ""
+        for i, t in enumerate(terms):
+            neg = t.could_extract_minus_sign()
+            s = self._p(-t if neg else t)
+            if (-t if neg else t).is_Add:
+                s = f"({s})"
+            if i == 0:
+                out = f"-{s}" if neg else s
+            else:
+                out += f" - {s}" if neg else f" + {s}"
+            if out.endswith("…") and self.budget is not None and self.budget < 0:
+                if i < len(terms) - 1:
+                    out += " + …"
+                break
+        return out
+
+    def _mul(self, e: sympy.Mul) -> str:
+        coeff, factors = e.as_coeff_mul()
+        factors = list(factors)
+        if coeff.is_Float or any(f.is_Float for f in factors):
+            # inexact: fold symbol-free factors (sqrt(2)) into the coefficient
+            c = float(coeff)
+            keep = []
+            for f in factors:
+                v = eval_expr(f) if not f.free_symbols else None
+                if v is not None:
+                    c *= v
+                else:
+                    keep.append(f)
+            factors = keep
+            coeff = sympy.Float(c)
+        sign = ""
+        if coeff.is_negative:
+            sign, coeff = "-", -coeff
+        num: list[str] = []
+        den: list[str] = []
+        if coeff != 1 and not (coeff.is_Float and abs(float(coeff) - 1) < 5e-5 and factors):
+            if coeff.is_Rational and not coeff.is_Integer:
+                if coeff.p != 1:
+                    num.append(str(coeff.p))
+                den.append(str(coeff.q))
+            else:
+                num.append(self._p(coeff))
+        # group powers with the same non-integer exponent: sqrt(a)*sqrt(b) -> sqrt(a*b)
+        by_exp: dict[Any, list[Any]] = {}
+        for f in factors:
+            if f.is_Pow and f.args[1].is_Rational and not f.args[1].is_Integer:
+                by_exp.setdefault(f.args[1], []).append(f.args[0])
+            elif f.is_Pow and f.args[1].is_Integer and f.args[1] < 0:
+                den.append(self._pow(f.args[0], -f.args[1]) if f.args[1] != -1 else self._paren(f.args[0], self._p(f.args[0])))
+            else:
+                num.append(self._paren(f, self._p(f)) if f.is_Add else self._p(f))
+        for x, bases in by_exp.items():
+            if len(bases) == 1:
+                num.append(self._pow(bases[0], x))
+                continue
+            inner = "*".join(sorted(self._paren(b, self._p(b)) if b.is_Add else self._p(b) for b in bases))
+            num.append(f"sqrt({inner})" if x == sympy.Rational(1, 2) else f"({inner})**({x.p}/{x.q})")
+        lead = num[:1] if num and num[0] and (num[0][0].isdigit() or num[0].startswith("(")) and coeff != 1 else []
+        num = lead + sorted(num[len(lead):])
+        s = "*".join(num) if num else "1"
+        if den:
+            s += "/" + (den[0] if len(den) == 1 else "(" + "*".join(den) + ")")
+        return sign + s
+
+    def _pow(self, b: Any, x: Any) -> str:
+        bs = self._p(b)
+        if x == sympy.Rational(1, 2):
+            return f"sqrt({bs})"
+        if x == -1:
+            return f"1/{self._paren(b, bs)}"
+        if x.is_Integer and x > 0:
+            return f"{self._paren(b, bs)}**{int(x)}"
+        if x.is_Rational:
+            return f"{self._paren(b, bs)}**({x.p}/{x.q})"
+        xs = self._p(x)
+        return f"{self._paren(b, bs)}**{self._paren(x, xs)}"
+
+
+def format_expr(expr: Any, names: Mapping[Any, Any] | None = None, *, max_nodes: int | None = None) -> str:
+    """Readable text of a scale expression.
+
+    ``names`` maps export symbols (``s72`` or the symbol) to readable names (``batch``); floats are
+    shown with 4 significant digits; ``max_nodes`` bounds the work and the length (``…`` elides).
+    """
+    nm = {str(k): str(v) for k, v in (names or {}).items()}
+    return _Printer(nm, max_nodes)(expr)
+
+
+def band_of(sigma: float | None) -> str | None:
+    """``"green"`` within [1/2, 2], ``"yellow"`` within [1/8, 8], ``"red"`` outside (or inf/nan)."""
+    if sigma is None:
+        return None
+    if not math.isfinite(sigma) or sigma <= 0:
+        return "red" if sigma != 0 else "red"
+    a = abs(math.log2(sigma))
+    return "green" if a <= 1 else ("yellow" if a <= 3 else "red")
+
+
+# ============================================================================================
+# the report
+# ============================================================================================
+
+
+@dataclass
+class StatEntry:
+    """One direction (value or gradient) of one edge."""
+
+    expr: str | None = None
+    predicted: float | None = None
+    measured: float | None = None
+    symbolic: bool = False
+
+    def value(self) -> float | None:
+        """The measured RMS if there is one, else the predicted one."""
+        return self.measured if self.measured is not None else self.predicted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"expr": self.expr, "predicted": _jf(self.predicted), "measured": _jf(self.measured)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "StatEntry | None":
+        if d is None:
+            return None
+        return cls(d.get("expr"), _unjf(d.get("predicted")), _unjf(d.get("measured")))
+
+
+@dataclass
+class FactorEntry:
+    """A scale factor inserted by the transform."""
+
+    expr: str
+    value: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"expr": self.expr, "value": _jf(self.value)}
+
+
+@dataclass
+class NodeReport:
+    """Scale annotations of one graph node (see ``docs/report_schema.md``)."""
+
+    index: int
+    name: str
+    op: str
+    kind: str
+    module: str
+    shape: list[str] | None
+    dtype: str | None
+    call: str
+    fwd: StatEntry | None
+    bwd: StatEntry | None
+    factors: dict[str, FactorEntry] = field(default_factory=dict)
+    rule: str | None = None
+    role: str | None = None
+    missing: bool = False
+    note: str = ""
+    source: str | None = None
+    headroom: dict[str, dict[str, dict[str, float]]] | None = None
+    nonfinite: dict[str, float] | None = None
+    outputs: list[dict[str, Any]] | None = None
+    module_stack: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def is_edge(self) -> bool:
+        """A floating value that the scale plot / summary count (not a scale-factor computation)."""
+        return self.kind in ("activation", "input", "parameter") and self.fwd is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "index": self.index,
+            "name": self.name,
+            "op": self.op,
+            "kind": self.kind,
+            "module": self.module,
+            "shape": self.shape,
+            "dtype": self.dtype,
+            "call": self.call,
+            "fwd": self.fwd.to_dict() if self.fwd is not None else None,
+            "bwd": self.bwd.to_dict() if self.bwd is not None else None,
+            "factors": {k: v.to_dict() for k, v in self.factors.items()},
+            "rule": self.rule,
+            "role": self.role,
+            "missing": self.missing,
+            "note": self.note,
+            "source": self.source,
+            "headroom": self.headroom,
+            "nonfinite": self.nonfinite,
+            "module_stack": list(self.module_stack),
+        }
+        if self.outputs is not None:
+            d["outputs"] = self.outputs
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "NodeReport":
+        return cls(
+            index=int(d["index"]), name=d["name"], op=d["op"], kind=d["kind"], module=d["module"],
+            shape=d.get("shape"), dtype=d.get("dtype"), call=d.get("call", ""),
+            fwd=StatEntry.from_dict(d.get("fwd")), bwd=StatEntry.from_dict(d.get("bwd")),
+            factors={k: FactorEntry(v["expr"], _unjf(v["value"])) for k, v in (d.get("factors") or {}).items()},
+            rule=d.get("rule"), role=d.get("role"), missing=bool(d.get("missing")), note=d.get("note") or "",
+            source=d.get("source"), headroom=d.get("headroom"), nonfinite=d.get("nonfinite"),
+            outputs=d.get("outputs"),
+            module_stack=list(d.get("module_stack") or ([d["module"]] if d["module"] else [])),
+        )
+
+
+def _jf(v: float | None) -> float | str | None:
+    if v is None:
+        return None
+    v = float(v)
+    if math.isfinite(v):
+        return v
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
+def _unjf(v: Any) -> float | None:
+    if v is None:
+        return None
+    return float(v)
+
+
+@dataclass
+class Report:
+    """Predicted (and measured) scales of every edge of one graph.
+
+    Attributes:
+        model: the model's name (its class).
+        graph: ``"original"`` or ``"transformed"``.
+        symbols: readable shape symbols and their values (``{"batch": 4, "seq": 128}``).
+        nodes: one :class:`NodeReport` per node that carries a scale, in graph order.
+        measured: whether a training step filled in ``measured`` values.
+    """
+
+    model: str
+    graph: str
+    symbols: dict[str, int]
+    nodes: list[NodeReport]
+    measured: bool = False
+
+    # ---------------------------------------------------------------------------- access
+    def __iter__(self):
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def node(self, name: str) -> NodeReport:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node {name!r} in this report")
+
+    def edges(self, kinds: Iterable[str] = ("activation",)) -> list[NodeReport]:
+        """Floating edges of these kinds, in graph order."""
+        ks = set(kinds)
+        return [n for n in self.nodes if n.kind in ks and n.fwd is not None]
+
+    @property
+    def missing(self) -> list[NodeReport]:
+        return [n for n in self.nodes if n.missing]
+
+    def worst(self, n: int = 10, kinds: Iterable[str] = ("activation", "parameter")) -> list[tuple[NodeReport, str, float]]:
+        """The ``n`` edges farthest from unit scale: ``(node, "fwd"|"bwd", sigma)`` by ``|log2 sigma|``.
+
+        Uses the measured RMS where there is one; zero-valued tensors (zero-initialised biases)
+        are skipped, NaN/inf come first.
+        """
+        rows = []
+        for node in self.edges(kinds):
+            for d in _DIRS:
+                st = getattr(node, d)
+                v = st.value() if st is not None else None
+                if v is None or v == 0:
+                    continue
+                rows.append((node, d, v))
+        rows.sort(key=lambda r: -_abs_log2(r[2]))
+        return rows[:n]
+
+    def summary(self) -> dict[str, Any]:
+        """The ``summary`` object of the JSON (counts, band fractions, worst edges, missing ops)."""
+        acts = self.edges()
+        out: dict[str, Any] = {
+            "nodes": len(self.nodes),
+            "edges": {d: sum(1 for n in acts if getattr(n, d) is not None) for d in _DIRS},
+            "missing": [{"node": n.name, "op": n.op, "source": n.source} for n in self.missing],
+            "inserted": {
+                "scales": sum(1 for n in self.nodes if n.role is not None and "fwd" in n.factors),
+                "grad_scales": sum(1 for n in self.nodes if n.op == "grad_scale"),
+            },
+            "in_band": {},
+            "max_abs_log2": {},
+            "worst": [
+                {"node": n.name, "module": n.module, "dir": d, "sigma": _jf(v), "abs_log2": _jf(_abs_log2(v))}
+                for n, d, v in self.worst(10)
+            ],
+        }
+        for d in _DIRS:
+            entry: dict[str, Any] = {}
+            mx: dict[str, Any] = {}
+            for src in ("predicted", "measured"):
+                vals = [getattr(getattr(n, d), src) for n in acts if getattr(n, d) is not None]
+                vals = [v for v in vals if v is not None and v != 0]
+                entry[src] = (sum(1 for v in vals if band_of(v) == "green") / len(vals)) if vals else None
+                mx[src] = _jf(max((_abs_log2(v) for v in vals), default=None)) if vals else None
+            out["in_band"][d] = entry
+            out["max_abs_log2"][d] = mx
+        if self.measured:
+            errs = []
+            for n in acts:
+                for d in _DIRS:
+                    st = getattr(n, d)
+                    if st and st.predicted and st.measured and st.predicted > 0 and st.measured > 0 \
+                            and math.isfinite(st.predicted) and math.isfinite(st.measured):
+                        errs.append(abs(math.log2(st.measured / st.predicted)))
+            out["prediction_error"] = {
+                "edges": len(errs),
+                "median_abs_log2": _jf(sorted(errs)[len(errs) // 2]) if errs else None,
+                "max_abs_log2": _jf(max(errs)) if errs else None,
+            }
+            worst_fmt: dict[str, dict[str, float]] = {}
+            for fmt in FORMATS:
+                u = o = 0.0
+                for n in self.nodes:
+                    for d in _DIRS:
+                        h = ((n.headroom or {}).get(d) or {}).get(fmt)
+                        if h:
+                            u, o = max(u, h["underflow"]), max(o, h["overflow"])
+                worst_fmt[fmt] = {"underflow": u, "overflow": o}
+            out["headroom"] = worst_fmt
+        return out
+
+    # ---------------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "model": self.model,
+            "graph": self.graph,
+            "measured": self.measured,
+            "symbols": dict(self.symbols),
+            "nodes": [n.to_dict() for n in self.nodes],
+            "summary": self.summary(),
+        }
+
+    def to_json(self, path: str | os.PathLike | None = None, *, indent: int | None = 1) -> str:
+        """The report as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent, ensure_ascii=False, allow_nan=False)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Report":
+        schema = d.get("schema")
+        if schema != SCHEMA:
+            raise ValueError(f"unsupported report schema {schema!r} (this version reads {SCHEMA!r})")
+        return cls(model=d["model"], graph=d["graph"], symbols=dict(d.get("symbols") or {}),
+                   nodes=[NodeReport.from_dict(n) for n in d["nodes"]], measured=bool(d.get("measured")))
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike) -> "Report":
+        s = str(text_or_path)
+        if not s.lstrip().startswith("{") and os.path.exists(s):
+            with open(s, encoding="utf-8") as f:
+                s = f.read()
+        return cls.from_dict(json.loads(s))
+
+    # ---------------------------------------------------------------------------- text
+    def to_text(self, *, width: int = 0) -> str:
+        """Plain-text dump grouped under module paths (deterministic: golden-testable)."""
+        lines = [f"unitscale_fx report: {self.model} ({self.graph} graph"
+                 + (", measured)" if self.measured else ", predicted)")]
+        if self.symbols:
+            lines.append("symbols: " + ", ".join(f"{k}={v}" for k, v in self.symbols.items()))
+        lines.append("σ = predicted RMS" + (" [measured RMS]" if self.measured else "")
+                     + "; bwd = gradient at the node's output; (× f) = scale factor applied by the transform")
+        leaves = [n for n in self.nodes if n.kind in ("input", "parameter")]
+        if leaves:
+            lines.append("")
+            lines.append("inputs and parameters")
+            namew = max(len(n.name) for n in leaves)
+            for n in leaves:
+                lines.append(("  " + n.name.ljust(namew) + "  " + _shape_str(n.shape).ljust(16)
+                              + "  " + _stats_text(n, self.measured)).rstrip())
+        lines.append("")
+        lines.append("graph")
+        open_stack: list[str] = []
+        for n in self.nodes:
+            if n.kind in ("input", "parameter", "scale_value"):
+                continue
+            stack = n.module_stack
+            common = 0
+            while common < min(len(stack), len(open_stack)) and stack[common] == open_stack[common]:
+                common += 1
+            for depth in range(common, len(stack)):
+                lines.append("  " * (depth + 1) + stack[depth])
+            open_stack = list(stack)
+            ind = "  " * (len(stack) + 1)
+            head = f"{n.name} = {n.call}"
+            if n.role:
+                head += f"  <{n.role}>"
+            lines.append((f"{ind}{head}  {_shape_str(n.shape)}  {_stats_text(n, self.measured)}").rstrip())
+            if n.missing:
+                why = f": {n.note}" if n.note else ""
+                lines.append(f"{ind}  !! no scale rule for {n.op}{why}")
+                if n.source:
+                    lines.append(f"{ind}     at {n.source}")
+        lines.append("")
+        lines += _summary_text(self)
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    # ---------------------------------------------------------------------------- rich
+    def to_rich(self, *, worst: int = 10):
+        """A ``rich`` renderable: a tree by module, σ coloured by distance from 1
+        (green within [1/2, 2], yellow within [1/8, 8], red outside), and a "worst edges" table."""
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+        from rich.tree import Tree
+
+        title = Text.assemble((f"{self.model}", "bold"), f"  {self.graph} graph",
+                              ("  (measured)" if self.measured else "  (predicted)", "dim"))
+        if self.symbols:
+            title.append("   " + ", ".join(f"{k}={v}" for k, v in self.symbols.items()), style="dim")
+        root = Tree(title)
+        leaves = [n for n in self.nodes if n.kind in ("input", "parameter")]
+        if leaves:
+            branch = root.add(Text("inputs and parameters", style="bold blue"))
+            for n in leaves:
+                branch.add(_rich_line(n, self.measured))
+        graph = root.add(Text("graph", style="bold blue"))
+        trees: list[tuple[str, Any]] = []
+        for n in self.nodes:
+            if n.kind in ("input", "parameter", "scale_value"):
+                continue
+            stack = n.module_stack
+            common = 0
+            while common < min(len(stack), len(trees)) and stack[common] == trees[common][0]:
+                common += 1
+            trees = trees[:common]
+            for depth in range(common, len(stack)):
+                parent = trees[-1][1] if trees else graph
+                trees.append((stack[depth], parent.add(Text(stack[depth], style="bold"))))
+            (trees[-1][1] if trees else graph).add(_rich_line(n, self.measured))
+        table = Table(title="worst edges (farthest from unit scale)", title_justify="left")
+        for col, just in (("node", "left"), ("module", "left"), ("dir", "left"), ("predicted σ", "right"),
+                          ("measured σ", "right"), ("|log2 σ|", "right")):
+            table.add_column(col, justify=just)  # type: ignore[arg-type]
+        for node, d, v in self.worst(worst):
+            st = getattr(node, d)
+            table.add_row(node.name, node.module or "(root)", d, _num(st.predicted) if st.predicted is not None else "-",
+                          _num(st.measured) if st.measured is not None else "-",
+                          Text(_num(_abs_log2(v), 3), style=band_of(v) or ""))
+        parts: list[Any] = [root, table]
+        if self.missing:
+            t = Text(f"{len(self.missing)} op(s) without a scale rule: ", style="bold red")
+            t.append(", ".join(f"{n.name} ({n.op})" for n in self.missing))
+            parts.append(t)
+        return Group(*parts)
+
+
+def _abs_log2(v: float) -> float:
+    if v is None or not math.isfinite(v):
+        return math.inf
+    if v <= 0:
+        return math.inf
+    return abs(math.log2(v))
+
+
+def _pct(frac: float) -> str:
+    v = 100 * frac
+    return "0%" if v == 0 else (f"{v:.3g}%" if v >= 0.01 else "<0.01%")
+
+
+def _shape_str(shape: list[str] | None) -> str:
+    return "[" + ", ".join(shape) + "]" if shape is not None else ""
+
+
+def _stat_text(label: str, st: StatEntry | None, factor: FactorEntry | None, measured: bool,
+               nonfinite: float | None = None) -> str:
+    if st is None:
+        return ""
+    if st.predicted is None and st.expr is None:
+        s = f"{label} σ = ?"
+    elif st.symbolic and st.expr is not None and len(st.expr) <= _TEXT_EXPR_MAX and "…" not in st.expr:
+        s = f"{label} σ = {st.expr} = {_num(st.predicted)}" if st.predicted is not None else f"{label} σ = {st.expr}"
+    else:
+        s = f"{label} σ = {_num(st.predicted)}" if st.predicted is not None else f"{label} σ = ?"
+    if measured:
+        nf = f", {_pct(nonfinite)} inf/nan" if nonfinite else ""
+        s += f" [{_num(st.measured)}{nf}]" if st.measured is not None else " [-]"
+    if factor is not None:
+        s += f" (× {_factor_text(factor)})"
+    return s
+
+
+def _factor_text(f: FactorEntry) -> str:
+    if f.expr and len(f.expr) <= _TEXT_EXPR_MAX and "…" not in f.expr:
+        if f.value is not None and _num(f.value) != f.expr and re.search(r"[A-Za-z]", f.expr):
+            return f"{f.expr} = {_num(f.value)}"
+        return f.expr
+    return _num(f.value) if f.value is not None else "?"
+
+
+def _stats_text(n: NodeReport, measured: bool) -> str:
+    parts = []
+    if n.outputs is not None and n.fwd is None:
+        vals = [o.get("fwd") or {} for o in n.outputs]
+        parts.append("fwd σ = (" + ", ".join(_num(_unjf(v.get("predicted"))) if v.get("predicted") is not None
+                                              else "?" for v in vals) + ")")
+    for d in _DIRS:
+        s = _stat_text(d, getattr(n, d), n.factors.get(d), measured, (n.nonfinite or {}).get(d))
+        if s:
+            parts.append(s)
+        elif d in n.factors:
+            parts.append(f"{d} (× {_factor_text(n.factors[d])})")
+    if "grad" in n.factors:
+        parts.append(f"grad × {_factor_text(n.factors['grad'])}")
+    return "   ".join(parts)
+
+
+def _summary_text(r: Report) -> list[str]:
+    s = r.summary()
+    lines = ["summary"]
+    lines.append(f"  nodes: {s['nodes']}, activation edges: fwd {s['edges']['fwd']}, bwd {s['edges']['bwd']}")
+    ins = s["inserted"]
+    if r.graph == "transformed" or ins["scales"] or ins["grad_scales"]:
+        lines.append(f"  inserted by the transform: {ins['scales']} forward scales, {ins['grad_scales']} grad_scale")
+    for d in _DIRS:
+        b = s["in_band"][d]
+        parts = []
+        for src in ("predicted", "measured"):
+            if b[src] is not None:
+                parts.append(f"{src} {100 * b[src]:.0f}%")
+        if parts:
+            lines.append(f"  {d} edges with σ in [1/2, 2]: " + ", ".join(parts))
+    if s["worst"]:
+        lines.append("  worst edges: " + ", ".join(f"{w['node']}.{w['dir']} σ={_num(_unjf(w['sigma']))}"
+                                                for w in s["worst"][:5]))
+    if "prediction_error" in s and s["prediction_error"]["edges"]:
+        pe = s["prediction_error"]
+        lines.append(f"  |log2(measured/predicted)|: median {_num(_unjf(pe['median_abs_log2']), 2)}, "
+                     f"max {_num(_unjf(pe['max_abs_log2']), 2)} over {pe['edges']} edges")
+    if "headroom" in s:
+        hs = []
+        for fmt, h in s["headroom"].items():
+            hs.append(f"{fmt} ↓{_pct(h['underflow'])} ↑{_pct(h['overflow'])}")
+        lines.append("  worst headroom (underflow ↓ / overflow ↑ of one tensor): " + ", ".join(hs))
+    if s["missing"]:
+        lines.append(f"  ops without a scale rule ({len(s['missing'])}): "
+                     + ", ".join(f"{m['node']} ({m['op']})" for m in s["missing"]))
+    else:
+        lines.append("  every op has a scale rule")
+    return lines
+
+
+def _rich_line(n: NodeReport, measured: bool):
+    from rich.text import Text
+
+    t = Text()
+    t.append(n.name, style="cyan")
+    if n.kind not in ("input", "parameter"):
+        t.append(" = ")
+        t.append(n.call if len(n.call) <= 60 else n.call[:59] + "…", style="dim")
+    if n.role:
+        t.append(f" <{n.role}>", style="magenta")
+    if n.shape is not None:
+        t.append("  " + _shape_str(n.shape), style="dim")
+    for d in _DIRS:
+        st = getattr(n, d)
+        if st is None:
+            continue
+        v = st.value()
+        t.append(f"  {d} σ=")
+        t.append(_num(st.predicted) if st.predicted is not None else "?",
+                 style=band_of(st.predicted) or "" if st.measured is None else "")
+        if measured:
+            t.append(" [")
+            t.append(_num(st.measured) if st.measured is not None else "-", style=band_of(st.measured) or "")
+            t.append("]")
+        f = n.factors.get(d)
+        if f is not None:
+            t.append(f" (× {_factor_text(f)})", style="dim")
+        _ = v
+    if "grad" in n.factors:
+        t.append(f"  grad × {_factor_text(n.factors['grad'])}", style="dim")
+    if n.missing:
+        t.append("  no scale rule", style="bold red")
+    return t
+
+
+def print_report(report: Report, file: Any = None) -> None:
+    """Print ``report``: a ``rich`` tree when ``file`` (default stdout) is a terminal, else plain text."""
+    stream = file if file is not None else sys.stdout
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        from rich.console import Console
+
+        Console(file=stream).print(report.to_rich())
+        return
+    text = report.to_text()
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        enc = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(enc, "replace").decode(enc))
+    if hasattr(stream, "flush"):
+        stream.flush()
+
+
+# ============================================================================================
+# building
+# ============================================================================================
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "placeholder":
+        return "input"
+    if node.op == "get_attr":
+        return "get_attr"
+    if node.op == "call_module":
+        return f"module:{node.target}"
+    if node.op == "call_method":
+        return f"method:{node.target}"
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        name = t._schema.name.split("::", 1)[-1]
+        return f"{t.namespace}.{name}"
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        return f"aten.{t.__name__}"
+    if t is operator.getitem:
+        return "getitem"
+    mod = getattr(t, "__module__", "") or ""
+    name = getattr(t, "__name__", None) or str(t)
+    if mod.startswith("unitscale_fx"):
+        return name
+    if mod in ("_operator", "operator"):
+        return name
+    return f"{mod.rsplit('.', 1)[-1]}.{name}" if mod else name
+
+
+def _arg_text(a: Any, depth: int = 0) -> str:
+    if isinstance(a, fx.Node):
+        return a.name
+    if isinstance(a, (list, tuple)):
+        inner = ", ".join(_arg_text(x, depth + 1) for x in a[:6]) + (", …" if len(a) > 6 else "")
+        return f"[{inner}]"
+    if isinstance(a, float):
+        return _num(a)
+    if isinstance(a, torch.dtype):
+        return str(a).replace("torch.", "")
+    if isinstance(a, torch.device):
+        return repr(str(a))
+    if isinstance(a, (torch.SymInt, torch.SymFloat)):
+        return str(a)
+    s = repr(a)
+    return s if len(s) <= 24 else s[:23] + "…"
+
+
+def _call_text(node: fx.Node, op: str) -> str:
+    if node.op in ("placeholder", "get_attr"):
+        return str(node.target)
+    args = [_arg_text(a) for a in node.args]
+    args += [f"{k}={_arg_text(v)}" for k, v in node.kwargs.items()]
+    s = f"{op}({', '.join(args)})"
+    return s if len(s) <= 96 else s[:95] + "…"
+
+
+def _clean_path(path: str) -> str:
+    p = str(path)
+    for pre in ("L['self'].", "L['self']", "L__self__."):
+        if p.startswith(pre):
+            p = p[len(pre):]
+    p = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", p)
+    p = p.replace("getattr(", "").replace(")", "")
+    return p.strip(".")
+
+
+def _module_stack(node: fx.Node) -> list[str] | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    out = []
+    for key, val in stack.items():
+        path = val[0] if isinstance(val, (tuple, list)) and val else key
+        if str(key).startswith("_empty") or str(path).startswith("_empty"):
+            continue
+        p = _clean_path(path)
+        if p and (not out or out[-1] != p):
+            out.append(p)
+    return out
+
+
+def _root_class(gm: fx.GraphModule) -> str | None:
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        for key, val in stack.items():
+            path = val[0] if isinstance(val, (tuple, list)) and val else key
+            if _clean_path(path) == "" and isinstance(val, (tuple, list)) and len(val) > 1:
+                t = val[1]
+                name = t if isinstance(t, str) else getattr(t, "__qualname__", str(t))
+                return str(name).rsplit(".", 1)[-1]
+    return None
+
+
+def _source(node: fx.Node) -> str | None:
+    try:
+        from .errors import source_line
+
+        src = source_line(node)
+    except Exception:  # noqa: BLE001
+        src = None
+    if not src:
+        return None
+    lines = [ln.strip() for ln in src.splitlines() if ln.strip()]
+    m = re.match(r'File "([^"]+)", line (\d+)', lines[0]) if lines else None
+    if m:
+        loc = f"{os.path.basename(m.group(1))}:{m.group(2)}"
+        code = lines[1] if len(lines) > 1 else ""
+        return f"{loc}  {code}".strip()
+    return " ".join(lines)
+
+
+class _Builder:
+    def __init__(self, result: Any, measured: Mapping[str, Any] | None, hints: Mapping[Any, int] | None):
+        self.result = result
+        cap = result.capture
+        ga = result.analysis
+        env: dict[Any, float] = {}
+        env.update({k: float(v) for k, v in (getattr(ga, "symbol_hints", None) or {}).items()})
+        env.update({k: float(v) for k, v in (cap.hints or {}).items()})
+        env.update({k: float(v) for k, v in (hints or {}).items()})
+        self.ev = _Evaluator(env)
+        self.names = {str(k): str(v) for k, v in (cap.symbol_names or {}).items()}
+        self.symbols: dict[str, int] = {}
+        for k, v in sorted((cap.hints or {}).items(), key=lambda kv: str(self.names.get(str(kv[0]), kv[0]))):
+            v = (hints or {}).get(k, v)
+            self.symbols[self.names.get(str(k), str(k))] = int(v)
+        self.measured = measured or {}
+        self.expr_cache: dict[tuple[Any, int], str] = {}
+
+    def expr(self, e: Any, budget: int = _JSON_EXPR_NODES) -> str | None:
+        if e is None:
+            return None
+        key = (e, budget)
+        try:
+            return self.expr_cache[key]
+        except (KeyError, TypeError):
+            pass
+        s = _Printer(self.names, budget)(e)
+        try:
+            self.expr_cache[key] = s
+        except TypeError:
+            pass
+        return s
+
+    def stat(self, st: Any, measured: float | None) -> StatEntry | None:
+        if st is None and measured is None:
+            return None
+        if isinstance(st, Stat):
+            e = st.rms
+            try:
+                symbolic = bool(sympy.sympify(e).free_symbols)
+            except (sympy.SympifyError, TypeError):
+                symbolic = False
+            return StatEntry(self.expr(e), self.ev(e), measured, symbolic)
+        return StatEntry(None, None, measured, False)
+
+    def shape(self, val: Any) -> list[str] | None:
+        if not isinstance(val, torch.Tensor):
+            return None
+        out = []
+        for s in val.shape:
+            if isinstance(s, torch.SymInt):
+                out.append(self.expr(s.node.expr, 40) or str(s))
+            else:
+                out.append(str(int(s)))
+        return out
+
+    def build(self, model: str | None) -> Report:
+        gm = self.result.gm
+        nodes: list[NodeReport] = []
+        modules: dict[fx.Node, list[str]] = {}
+        known: set[str] = set()  # module paths that some node's nn_module_stack names
+        for node in gm.graph.nodes:
+            known.update(_module_stack(node) or ())
+        for node in gm.graph.nodes:
+            rec = node.meta.get(META_KEY)
+            stack = _module_stack(node)
+            if stack is None:
+                if node.op == "get_attr":  # a parameter: its owner, nested like the ops that call it
+                    parts = str(node.target).split(".")[:-1]
+                    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+                    stack = [p for p in prefixes[:-1] if p in known] + prefixes[-1:]
+                elif node.op == "placeholder":
+                    stack = []
+                else:  # an inserted node without metadata: inherit from an input
+                    stack = next((modules[a] for a in node.all_input_nodes if modules.get(a)), [])
+            modules[node] = stack
+            if node.op == "output" or not isinstance(rec, ScaleRecord):
+                continue
+            m = self.measured.get(node.name)
+            has_fwd = rec.fwd is not None or (m is not None and getattr(m, "fwd", None) is not None)
+            if not (has_fwd or rec.missing or rec.factors or rec.bwd is not None):
+                continue
+            nodes.append(self.node_report(len(nodes), node, rec, stack, m))
+        return Report(model=model or _root_class(gm) or type(gm).__name__,
+                      graph=getattr(self.result, "title", None) or "original",
+                      symbols=self.symbols, nodes=nodes, measured=bool(self.measured))
+
+    def node_report(self, index: int, node: fx.Node, rec: ScaleRecord, stack: list[str], m: Any) -> NodeReport:
+        op = _op_name(node)
+        val = node.meta.get("val")
+        if node.op == "placeholder":
+            kind = "input"
+        elif node.op == "get_attr":
+            kind = "parameter"
+        elif op == "scale_value":
+            kind = "scale_value"
+        else:
+            kind = "activation"
+        m_fwd = getattr(m, "fwd", None) if m is not None else None
+        m_bwd = getattr(m, "bwd", None) if m is not None else None
+        outputs = None
+        if isinstance(rec.fwd, tuple):
+            grads = node.meta.get("_us_bwd_multi") or ()
+            mouts = (getattr(m, "outputs", None) or []) if m is not None else []
+            vals = val if isinstance(val, (tuple, list)) else [None] * len(rec.fwd)
+            outputs = []
+            for i, st in enumerate(rec.fwd):
+                g = grads[i] if i < len(grads) else None
+                mo = mouts[i] if i < len(mouts) else None
+                fe = self.stat(st, getattr(mo, "fwd", None))
+                be = self.stat(g, getattr(mo, "bwd", None))
+                outputs.append({
+                    "shape": self.shape(vals[i]) if i < len(vals) else None,
+                    "fwd": fe.to_dict() if fe else None,
+                    "bwd": be.to_dict() if be else None,
+                })
+            fwd = None
+            bwd = None
+        else:
+            fwd = self.stat(rec.fwd, m_fwd)
+            bwd = self.stat(rec.bwd, m_bwd)
+        factors = {}
+        for k, e in (rec.factors or {}).items():
+            if e is None:
+                continue
+            factors[str(k)] = FactorEntry(self.expr(e, 60) or "", self.ev(e))
+        if op == "grad_scale" and len(node.args) > 1:  # the multiplier its backward applies
+            f = node.args[1]
+            e = f.meta.get("_us_expr") if isinstance(f, fx.Node) else f
+            if isinstance(e, (int, float, sympy.Basic)) and not isinstance(e, bool):
+                factors["grad"] = FactorEntry(self.expr(e, 60) or "", self.ev(e))
+        headroom = None
+        if m is not None and getattr(m, "headroom", None):
+            headroom = {d: h for d, h in m.headroom.items() if h}
+        nonfinite = dict(getattr(m, "nonfinite", None) or {}) or None
+        dtype = str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else None
+        return NodeReport(
+            index=index, name=node.name, op=op, kind=kind, module=stack[-1] if stack else "",
+            shape=self.shape(val), dtype=dtype, call=_call_text(node, op), fwd=fwd, bwd=bwd,
+            factors=factors, rule=rec.rule, role=rec.role, missing=bool(rec.missing), note=rec.note or "",
+            source=_source(node) if node.op == "call_function" else None,
+            headroom=headroom or None, nonfinite=nonfinite, outputs=outputs, module_stack=list(stack),
+        )
+
+
+def build_report(result: Any, measured: Mapping[str, Any] | None = None, *, model: str | None = None,
+                 hints: Mapping[Any, int] | None = None) -> Report:
+    """The :class:`Report` of an :class:`~unitscale_fx.api.AnalysisResult` / ``TransformResult``.
+
+    Args:
+        result: ``unitscale_fx.analyse(...)`` or ``transform(...).result``.
+        measured: ``{node name: EdgeMeasurement}`` from :func:`unitscale_fx.track.measure_graph`
+            (fills the ``measured`` columns and the headroom).
+        model: the name shown in the header (default: the model's class).
+        hints: shape-symbol values overriding the capture's (when measuring another batch size).
+    """
+    return _Builder(result, measured, hints).build(model)
