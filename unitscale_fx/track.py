@@ -240,7 +240,7 @@ def measure_graph(
         recorder = _Recorder(gm, out, headroom)
         try:
             flat_args = _flatten_inputs(gm, args, kwargs or {})
-            result = recorder.run(*flat_args)
+            result = recorder.run(*flat_args, enable_io_processing=False)
             result = _unflatten_outputs(gm, result)
             loss = loss_fn(result) if loss_fn is not None else _find_loss(result)
             if loss is not None:

@@ -84,6 +84,7 @@ class GraphAnalysis:
     strict: bool = False
     missing: list[MissingOp] = field(default_factory=list)
     symbol_hints: dict[sympy.Symbol, float] = field(default_factory=dict)
+    batch_size: int | None = None
     _const: dict[fx.Node, Any] = field(default_factory=dict)
     _const_failed: set = field(default_factory=set)
 
@@ -101,6 +102,52 @@ class GraphAnalysis:
         if self.symbol_hints:
             e = e.xreplace({k: sympy.Float(v) for k, v in self.symbol_hints.items()})
         return evaluate(e, self.hints)
+
+    def tame(self, st: Any) -> Any:
+        """Keep a statistic's expressions small enough for sympy.
+
+        The correlation and mean are model parameters of the rules, not user-facing scales: they
+        are evaluated to numbers at the shape hints. The RMS stays symbolic (dynamic dims remain
+        symbols) unless its expression tree exceeds :data:`MAX_EXPR_NODES` nodes, in which case
+        it is replaced by its value at the hints (deep graphs would otherwise grow expressions
+        exponentially with depth).
+        """
+        if isinstance(st, (tuple, list)):
+            return type(st)(self.tame(s) for s in st)
+        if not isinstance(st, Stat):
+            return st
+        rms, corr, mean = st.rms, st.corr, st.mean
+        if not _is_num(corr):
+            corr = _num(self.value_of(corr), corr)
+        if not _is_num(mean):
+            mean = _num(self.value_of(mean), mean)
+        if not _is_num(rms) and _too_big(rms):
+            rms = _num(self.value_of(rms), rms)
+        if rms is st.rms and corr is st.corr and mean is st.mean:
+            return st
+        return Stat(rms, corr, mean, st.trace)
+
+    def tokens_per_sample(self, shape: Any) -> float | None:
+        """Tokens of one sample among the rows of ``shape`` (all dims but the last).
+
+        The batch size is the leading dim of the first tensor input; a shape whose rows do not
+        divide by it counts as one sample.
+        """
+        if self.batch_size is None:
+            for v in self.example_values.values():
+                if isinstance(v, torch.Tensor) and v.dim() >= 1:
+                    self.batch_size = int(v.shape[0])
+                    break
+            else:
+                self.batch_size = 1
+        rows = 1.0
+        for d in list(shape)[:-1]:
+            v = self.value_of(d)
+            if v is None:
+                return None
+            rows *= v
+        b = self.batch_size or 1
+        return rows / b if rows % b == 0 and rows >= b else rows
 
     def requires_grad(self, node: fx.Node) -> bool:
         return bool(node.meta.get("_us_rg", False))
@@ -226,9 +273,10 @@ class GraphAnalysis:
             return rec
         ctx = RuleContext(node, self)
         try:
-            rec.fwd = rule.forward(ctx)
+            rec.fwd = self.tame(rule.forward(ctx))
         except _Unsupported as e:
-            self._missing(node, rec, reason=str(e))
+            if has_float_out:  # integer/bool values (ids, masks) carry no scale
+                self._missing(node, rec, reason=str(e))
         except UnitScaleError:
             raise
         except Exception as e:  # a bug in a rule: name the node and the op
@@ -310,7 +358,7 @@ class GraphAnalysis:
             if rec is None or not self.requires_grad(node):
                 continue
             if isinstance(rec.fwd, tuple):
-                grads = tuple(_combine(pending.get((node, i), [])) for i in range(len(rec.fwd)))
+                grads = tuple(self.tame(_combine(pending.get((node, i), []))) for i in range(len(rec.fwd)))
                 if all(g is None for g in grads):
                     continue
                 rec.bwd = None
@@ -318,7 +366,7 @@ class GraphAnalysis:
                 rec.note = rec.note
                 node.meta["_us_bwd_multi"] = grads
             else:
-                g = _combine(pending.get((node, None), []))
+                g = self.tame(_combine(pending.get((node, None), [])))
                 if g is None:
                     continue
                 rec.bwd = g
@@ -346,6 +394,7 @@ class GraphAnalysis:
                     f"{type(e).__name__}: {e}"
                 ) from e
             for key, st in contribs.items():
+                st = self.tame(st)
                 a = key if isinstance(key, fx.Node) else ctx.arg(key)
                 if isinstance(a, (list, tuple)):
                     for ai, si in zip(a, st):
@@ -377,6 +426,27 @@ class GraphAnalysis:
             return {losses[0]: Stat(sympy.Integer(1), sympy.Integer(0))}
         # no loss inside the model: assume a unit gradient arrives at every floating output
         return {n: Stat(sympy.Integer(1), sympy.Integer(0)) for n in self.output_nodes()}
+
+
+#: RMS expressions with more nodes than this are evaluated at the shape hints (see ``tame``).
+MAX_EXPR_NODES = 48
+
+
+def _is_num(e: Any) -> bool:
+    return not isinstance(e, sympy.Basic) or e.is_number
+
+
+def _num(v: float | None, fallback: Any) -> Any:
+    return fallback if v is None else sympy.Float(v, 6)
+
+
+def _too_big(e: sympy.Basic, limit: int = MAX_EXPR_NODES) -> bool:
+    n = 0
+    for _ in sympy.preorder_traversal(e):
+        n += 1
+        if n > limit:
+            return True
+    return False
 
 
 class _NotConst(Exception):

@@ -8,6 +8,8 @@ same tensor (then the composite function is integrated exactly, see ``_pointwise
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import operator
 from typing import Any, Callable
@@ -33,6 +35,32 @@ def _require(s: Stat | None) -> Stat:
     if s is None:
         raise Unsupported("an input's scale is unknown")
     return s
+
+
+def _seq_corr_factor(ctx: RuleContext, in_shape: Any, out_shape: Any, corr: Any) -> sympy.Expr:
+    """Extra RMS factor when summing broadcast copies (or token rows) that are correlated.
+
+    Summing ``n`` rows whose pairwise correlation is ``c`` within a sequence of ``S`` tokens
+    (and 0 across sequences) has variance ``n * (1 + (S - 1) c)`` instead of ``n``. The copies
+    summed are the dims of ``out_shape`` that ``in_shape`` broadcasts over; they include the
+    sequence when their product covers the tokens of one sample (``ctx.analysis.tokens_per_sample``).
+    """
+    c = ctx.analysis.value_of(corr) if corr is not None else None
+    if not c or c <= 0:
+        return ONE
+    S = ctx.analysis.tokens_per_sample(out_shape)
+    if S is None or S <= 1:
+        return ONE
+    ins = list(in_shape)
+    ins = [1] * (len(out_shape) - len(ins)) + ins
+    copies = 1.0
+    for di, do in zip(ins, out_shape):
+        vi, vo = ctx.analysis.value_of(di), ctx.analysis.value_of(do)
+        if vi is not None and vo is not None and vi == 1 and vo > 1:
+            copies *= vo
+    if copies < S or copies % S:
+        return ONE
+    return sympy.sqrt(sympy.Float(1 + (S - 1) * min(float(c), 1.0), 6))
 
 
 def _var(s: Stat) -> sympy.Expr:
@@ -94,9 +122,10 @@ register(aten.detach, name="detach", kind="view")(_detach_fwd)
 
 
 def _expand_bwd(ctx: RuleContext, g: Stat) -> dict:
-    # the gradient of a broadcast input is a sum over the broadcast copies (independent)
+    # the gradient of a broadcast input is a sum over the broadcast copies
     ratio = _safe_div(ctx.numel(), ctx.numel(0))
-    return {ctx.name_of(0): Stat(g.rms * sympy.sqrt(ratio), g.corr)}
+    f = _seq_corr_factor(ctx, ctx.shape(0), ctx.shape(), g.corr)
+    return {ctx.name_of(0): Stat(g.rms * sympy.sqrt(ratio) * f, g.corr)}
 
 
 register(aten.expand, aten.repeat, aten.repeat_interleave, name="expand", kind="view", backward=_expand_bwd)(_same)
@@ -149,8 +178,10 @@ def _split_bwd(ctx: RuleContext, grads: Any) -> dict:
         weights.append(n)
         parts.append(g.rms**2 * n if g is not None else ZERO)
     total = sympy.Add(*weights)
-    rms = sympy.sqrt(sympy.Add(*parts) / total)
-    corr = next((g.corr for g in grads if g is not None), ZERO)
+    energy = sympy.Add(*parts)
+    rms = sympy.sqrt(energy / total)
+    # energy-weighted correlation of the concatenated gradient
+    corr = _safe_div(sympy.Add(*[p * g.corr for p, g in zip(parts, grads) if g is not None]), energy)
     return {ctx.name_of(0): Stat(rms, corr)}
 
 
@@ -416,7 +447,10 @@ def _binary_bwd(kind: str):
 
         def bcast(name: str, st: Stat) -> Stat:
             ratio = _safe_div(out_numel, ctx.numel(name))
-            return Stat(st.rms * sympy.sqrt(ratio), st.corr) if ratio != 1 else st
+            if ratio == 1:
+                return st
+            f = _seq_corr_factor(ctx, ctx.shape(name), ctx.shape(), st.corr)
+            return Stat(st.rms * sympy.sqrt(ratio) * f, st.corr)
 
         sa = ctx.analysis.fwd_of(a) if isinstance(a, fx.Node) else _scalar_stat(a)
         sb = ctx.analysis.fwd_of(b) if isinstance(b, fx.Node) else _scalar_stat(b)
@@ -598,7 +632,8 @@ def _mm_bwd(ctx: RuleContext, g: Stat) -> dict:
         sk = sa_shape[-1]
         out[b] = Stat(g.rms * sympy.sqrt(sq * probs / sk), g.corr)
     else:
-        out[b] = Stat(g.rms * sympy.sqrt(rows) * sa.rms, ZERO)
+        f = _seq_corr_factor(ctx, [1] * (len(sa_shape) - 1), list(sa_shape[:-1]), g.corr * sa.corr)
+        out[b] = Stat(g.rms * sympy.sqrt(rows) * sa.rms * f, ZERO)
     return out
 
 
@@ -621,10 +656,13 @@ def _linear_bwd(ctx: RuleContext, g: Stat) -> dict:
     sx, sw = _require(ctx.stat("input")), _require(ctx.stat("weight"))
     n = ctx.shape("weight")[0]
     tokens = ctx.tokens("input")
+    rows = list(ctx.shape("input"))[:-1]
+    fw = _seq_corr_factor(ctx, [1] * len(rows), rows, g.corr * sx.corr)
     out = {"input": Stat(g.rms * sympy.sqrt(n) * sw.rms, g.corr),
-           "weight": Stat(g.rms * sympy.sqrt(tokens) * sx.rms, ZERO)}
+           "weight": Stat(g.rms * sympy.sqrt(tokens) * sx.rms * fw, ZERO)}
     if ctx.is_tensor("bias"):
-        out["bias"] = Stat(g.rms * sympy.sqrt(tokens), ZERO)
+        fb = _seq_corr_factor(ctx, [1] * len(rows), rows, g.corr)
+        out["bias"] = Stat(g.rms * sympy.sqrt(tokens) * fb, ZERO)
     return out
 
 
@@ -773,10 +811,22 @@ def _layer_norm_bwd(ctx: RuleContext, g: Stat) -> dict:
     std = sympy.sqrt(_var(sx)) if mean != 0 else sx.rms
     tokens = ctx.tokens("input", feature_dims=len(ctx.arg("normalized_shape") or [1]))
     out = {"input": Stat(g.rms * w / std, g.corr)}
+    out.update(_norm_param_grads(ctx, g, sx, tokens))
+    return out
+
+
+def _norm_param_grads(ctx: RuleContext, g: Stat, sx: Stat, tokens: Any) -> dict:
+    """Gain and bias gradients of a norm: sums over the token rows of ``g * x_hat`` and ``g``."""
+    shp = list(ctx.shape("input"))
+    nf = len(ctx.arg("normalized_shape") or [1])
+    rows = shp[: len(shp) - nf] + [1]
+    out = {}
     if ctx.is_tensor("weight"):
-        out["weight"] = Stat(g.rms * sympy.sqrt(tokens), ZERO)
+        f = _seq_corr_factor(ctx, [1] * len(rows), rows, g.corr * sx.corr)
+        out["weight"] = Stat(g.rms * sympy.sqrt(tokens) * f, ZERO)
     if ctx.is_tensor("bias"):
-        out["bias"] = Stat(g.rms * sympy.sqrt(tokens), ZERO)
+        f = _seq_corr_factor(ctx, [1] * len(rows), rows, g.corr)
+        out["bias"] = Stat(g.rms * sympy.sqrt(tokens) * f, ZERO)
     return out
 
 
@@ -796,8 +846,7 @@ def _rms_norm_bwd(ctx: RuleContext, g: Stat) -> dict:
     w = sw.rms if sw is not None else ONE
     tokens = ctx.tokens("input", feature_dims=len(ctx.arg("normalized_shape") or [1]))
     out = {"input": Stat(g.rms * w / sx.rms, g.corr)}
-    if ctx.is_tensor("weight"):
-        out["weight"] = Stat(g.rms * sympy.sqrt(tokens), ZERO)
+    out.update(_norm_param_grads(ctx, g, sx, tokens))
     return out
 
 
@@ -891,17 +940,28 @@ def _attention_stats(ctx: RuleContext, q: Stat, k: Stat, v: Stat, sq, sk, d, sca
                      counts, kv_repeat, g: Stat | None = None):
     from .attention_stats import attention_stats, sum_p2_full
 
-    kw = dict(sq=sq, sk=sk, d=d, scale=scale, q_rms=q.rms, k_rms=k.rms, v_rms=v.rms,
-              q_corr=q.corr, k_corr=k.corr, v_corr=v.corr,
-              grad_out_rms=g.rms if g is not None else ONE, grad_out_corr=g.corr if g is not None else ZERO,
+    # q/k scales enter the softmax non-linearly: use their values at the hints (keeps the
+    # expressions small); v and grad_out scales are pure factors and stay symbolic.
+    def num(e):
+        v_ = ctx.analysis.value_of(e)
+        return sympy.Float(v_, 6) if v_ is not None else e
+
+    kw = dict(sq=sq, sk=sk, d=d, scale=num(scale), q_rms=num(q.rms), k_rms=num(k.rms), v_rms=ONE,
+              q_corr=num(q.corr), k_corr=num(k.corr), v_corr=num(v.corr),
+              grad_out_rms=ONE, grad_out_corr=num(g.corr) if g is not None else ZERO,
               kv_repeat=kv_repeat)
     if mask_kind == "causal":
-        return attention_stats(causal=True, **kw)
-    if mask_kind == "general":
-        # average over the distinct allowed-key counts (padding, sliding windows...)
-        res = attention_stats(causal=False, valid_keys=sympy.Float(float(counts.mean()), 6), **kw)
-        return res
-    return attention_stats(causal=False, **kw)
+        st = attention_stats(causal=True, **kw)
+    elif mask_kind == "general":
+        # average over the distinct allowed-key counts (padding, sliding windows...): harmonic mean
+        hm = float(1.0 / (1.0 / counts.clamp(min=1)).mean())
+        st = attention_stats(causal=False, valid_keys=sympy.Float(hm, 6), **kw)
+    else:
+        st = attention_stats(causal=False, **kw)
+    gr = g.rms if g is not None else ONE
+    return dataclasses.replace(
+        st, out_rms=v.rms * st.out_rms, grad_q_rms=gr * v.rms * st.grad_q_rms,
+        grad_k_rms=gr * v.rms * st.grad_k_rms, grad_v_rms=gr * st.grad_v_rms)
 
 
 def _sdpa_parts(ctx: RuleContext):
@@ -945,7 +1005,26 @@ def _sdpa_bwd(ctx: RuleContext, g: Stat) -> dict:
         g = Stat(g.rms * sympy.Float(1 / math.sqrt(1 - p), 8), g.corr)
     st = _attention_stats(ctx, q, k, v, sq, sk, d, scale, kind, counts, rep, g=g)
     return {"query": Stat(st.grad_q_rms, ZERO), "key": Stat(st.grad_k_rms, ZERO),
-            "value": Stat(st.grad_v_rms, ZERO)}
+            "value": Stat(st.grad_v_rms, _grad_v_corr(ctx, st, g, sq, sk, rep))}
+
+
+def _grad_v_corr(ctx: RuleContext, st: Any, g: Stat, sq: Any, sk: Any, rep: Any) -> sympy.Expr:
+    """Correlation between the value gradients of two keys, ``grad_v_j = sum_i p_ij g_i``.
+
+    Rows of ``p`` sum to one, so summed over all key pairs the value gradients carry
+    ``sq (1 + gc (sq - 1))`` (in units of ``g^2``); the diagonal part is ``sk * ms(grad_v)``. The
+    off-diagonal remainder, spread over ``sk (sk - 1)`` pairs, is the correlation: 1 for uniform
+    non-causal attention (every key gets the same gradient), about ``1 / ln(sq)`` for causal.
+    """
+    vals = [ctx.analysis.value_of(x) for x in (st.grad_v_rms, g.rms, sq, sk, rep, g.corr)]
+    if any(v is None for v in vals) or not vals[1] or vals[3] <= 1:
+        return ZERO
+    gv, gr, nq, nk, r, gc = vals
+    diag = (gv / gr) ** 2 * nk / (r * nq)  # F + gc (sq - 1) O, per query
+    if diag <= 0:
+        return ZERO
+    corr = (1 + gc * (nq - 1) - diag) / ((nk - 1) * diag)
+    return sympy.Float(min(max(corr, 0.0), 1.0), 6)
 
 
 register(aten.scaled_dot_product_attention, name="sdpa", kind="attention", backward=_sdpa_bwd)(_sdpa_fwd)

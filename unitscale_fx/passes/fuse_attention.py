@@ -80,8 +80,30 @@ class FuseAttention(Pass):
                 counts["rejected"] += 1
                 continue
             self._rewrite(gm, match, counts)
+        # attention already fused by the model (HF "sdpa"): a constant causal mask becomes is_causal
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target is not aten.scaled_dot_product_attention.default:
+                continue
+            if node in state.skipped_nodes:
+                continue
+            mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+            if not isinstance(mask, fx.Node) or node.kwargs.get("is_causal") or len(node.args) > 5:
+                continue
+            kind = _classify_mask(ga, mask, masked_is_true=None)
+            if kind is None:
+                continue
+            q = node.args[0]
+            kw = dict(node.kwargs)
+            kw["attn_mask"] = None
+            kw["is_causal"] = kind == "causal"
+            if kind == "causal" and q.meta["val"].shape[-2] != node.args[1].meta["val"].shape[-2]:
+                continue
+            node.args = tuple(node.args[:3])
+            node.kwargs = kw
+            counts["sdpa_mask_" + kind] = counts.get("sdpa_mask_" + kind, 0) + 1
         gm.graph.eliminate_dead_code()
-        return PassResult(gm, counts["fused"] > 0, counts)
+        changed = counts["fused"] > 0 or any(k.startswith("sdpa_mask") for k in counts)
+        return PassResult(gm, changed, counts)
 
     def _match(self, softmax: fx.Node, ga) -> dict | None:
         dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
@@ -167,18 +189,16 @@ class FuseAttention(Pass):
             return None
         causal = False
         if mask_bool is not None:
-            m = ga.const_value(mask_bool)
-            if m is None:
-                return None
-            sq, sk = int(qv.shape[-2]) if not isinstance(qv.shape[-2], torch.SymInt) else None, None
-            allowed = ~m.bool()
-            n_q, n_k = allowed.shape[-2], allowed.shape[-1]
-            tril = torch.ones(n_q, n_k, dtype=torch.bool).tril()
-            if n_q == n_k and bool((allowed.reshape(-1, n_q, n_k) == tril).all()):
-                causal = True
-            _ = (sq, sk)
-        if add_mask is not None and ga.const_value(add_mask) is None and add_mask.op == "placeholder":
-            pass
+            kind = _classify_mask(ga, mask_bool, masked_is_true=True)
+            causal = kind == "causal"
+            if kind == "full":
+                mask_bool = None
+        if add_mask is not None:
+            kind = _classify_mask(ga, add_mask, masked_is_true=None)
+            if kind == "causal":
+                causal, add_mask = True, None
+            elif kind == "full":
+                add_mask = None
         return dict(q=q, k=k, v=v, out=out, kt=kt, nodes=nodes, scale=scale, mask_bool=mask_bool,
                     add_mask=add_mask, causal=causal, dropout_p=dropout_p, mode=mode)
 
@@ -208,6 +228,54 @@ class FuseAttention(Pass):
             g.erase_node(m["kt"])
         counts["fused"] += 1
         counts["causal" if m["causal"] else "masked"] += int(m["causal"] or mask is not None)
+
+
+def _data_free(n: fx.Node, seen: set | None = None) -> bool:
+    """Whether ``n`` depends on no user-input *data* (shapes are fine) and on no parameter.
+
+    A mask that passes this test is a function of the shapes only (``tril`` of a buffer slice, an
+    ``arange`` comparison), so its structure at the example shape holds for every shape.
+    """
+    seen = set() if seen is None else seen
+    if n in seen:
+        return True
+    seen.add(n)
+    if n.op == "placeholder":
+        return False
+    if n.op == "get_attr":
+        return not _attr_is_param(n)
+    if n.op == "call_function" and getattr(n.target, "overloadpacket", None) in (aten.sym_size, aten.sym_numel):
+        return True
+    return all(_data_free(a, seen) for a in n.all_input_nodes)
+
+
+def _classify_mask(ga: Any, node: fx.Node, masked_is_true: bool | None) -> str | None:
+    """``"causal"`` / ``"full"`` for a shape-only mask proven equal to ``tril`` / all-allowed.
+
+    ``masked_is_true``: boolean masks where True means *masked* (``masked_fill``); ``None``: an
+    SDPA-style mask (bool True = allowed, or additive float with ``-inf``/large negatives).
+    """
+    if not _data_free(node):
+        return None
+    m = ga.const_value(node)
+    if not isinstance(m, torch.Tensor) or m.dim() < 2:
+        return None
+    if m.dtype == torch.bool:
+        allowed = ~m if masked_is_true else m
+    elif masked_is_true:
+        allowed = m == 0
+    else:
+        if bool((m > 0).any()) or not bool(((m == 0) | (m < -1e4)).all()):
+            return None  # a real additive bias, not a mask
+        allowed = m == 0
+    n_q, n_k = allowed.shape[-2], allowed.shape[-1]
+    allowed = allowed.reshape(-1, n_q, n_k)
+    if bool(allowed.all()):
+        return "full"
+    tril = torch.ones(n_q, n_k, dtype=torch.bool).tril()
+    if n_q == n_k and bool((allowed == tril).all()):
+        return "causal"
+    return None
 
 
 def _requires_grad_chain(n: fx.Node, depth: int = 0) -> bool:

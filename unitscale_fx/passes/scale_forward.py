@@ -286,6 +286,8 @@ def _is_head(node: fx.Node, ga: GraphAnalysis) -> bool:
             if u.op == "output":
                 reached_loss_or_out = True
                 continue
+            if u.op == "call_function" and not isinstance(u.meta.get("val"), (torch.Tensor, tuple, list)):
+                continue  # runtime asserts (``_assert_tensor_metadata``) and other value-less ops
             k = _kind(u)
             if k == "loss":
                 reached_loss_or_out = True
