@@ -912,7 +912,7 @@ def _check_into(mc: ModelCheck, spec: Any, criteria: Criteria, sz: dict[str, Any
             cos.append((n, math.nan))
     if cos:
         worst = min(cos, key=lambda t: (not math.isnan(t[1]), t[1]))
-        mc.min_cosine, mc.min_cosine_param = worst
+        mc.min_cosine_param, mc.min_cosine = worst
         low = sorted([t for t in cos if not (t[1] >= c.min_cosine)], key=lambda t: (not math.isnan(t[1]), t[1]))
         mc.low_cosine_params = low
         if low:

@@ -829,8 +829,12 @@ def _extract_loss(output: Any) -> torch.Tensor:
         return output["loss"]
     if scalar(output):
         return output
-    if isinstance(output, (tuple, list)) and output and scalar(output[0]):
-        return output[0]
+    if isinstance(output, (tuple, list)):
+        # (loss, logits) as HF with return_dict=False, (logits, loss) as nanoGPT: the first
+        # floating scalar
+        for t in output:
+            if scalar(t) and t.is_floating_point():
+                return t
     raise ValueError(
         "measure_step: cannot find a scalar loss in the model output "
         f"(type {type(output).__name__}); pass loss_fn=... (e.g. lambda out: out.logits.float().pow(2).mean())"

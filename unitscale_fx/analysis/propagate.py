@@ -260,6 +260,13 @@ class GraphAnalysis:
         if node.target in _IGNORED:
             return rec
         has_float_out = _has_float(node.meta.get("val"))
+        if has_float_out and not self.requires_grad(node) and _float_inputs_are_constant(self, node):
+            value = self.const_value(node)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                # a constant of the shapes and buffers (RoPE tables, ALiBi slopes...): measured
+                rec.rule = "constant"
+                rec.fwd = _measured_stat(value)
+                return rec
         rule = lookup(node.target)
         if rule is None:
             if has_float_out and (
@@ -447,6 +454,31 @@ def _too_big(e: sympy.Basic, limit: int = MAX_EXPR_NODES) -> bool:
         if n > limit:
             return True
     return False
+
+
+def _float_inputs_are_constant(ga: "GraphAnalysis", node: fx.Node) -> bool:
+    """No floating input is a user input or carries a gradient (only buffers/int-derived values)."""
+    for a in node.all_input_nodes:
+        if a.op == "placeholder" and is_float_node(a):
+            return False
+        if ga.requires_grad(a):
+            return False
+    return True
+
+
+def _measured_stat(t: torch.Tensor) -> Stat:
+    """RMS, mean and token correlation (rows along dim -2) of a concrete tensor."""
+    x = t.detach().double()
+    ms = float(x.pow(2).mean()) if x.numel() else 0.0
+    corr = 0.0
+    if x.dim() >= 2 and x.shape[-2] > 1 and ms > 0:
+        rows = x.reshape(-1, x.shape[-2], x.shape[-1])
+        tot = rows.sum(-2).pow(2).sum()
+        diag = rows.pow(2).sum()
+        n = rows.shape[-2]
+        corr = float((tot - diag) / ((n - 1) * diag))
+    return Stat(sympy.Float(math.sqrt(ms), 6), sympy.Float(min(max(corr, 0.0), 1.0), 6),
+                sympy.Float(float(x.mean()) if x.numel() else 0.0, 6))
 
 
 class _NotConst(Exception):

@@ -232,16 +232,57 @@ def _std_normal_nodes_stat(ctx: RuleContext, s: Stat) -> tuple[float, float, flo
     return std, mean, corr
 
 
-def _moments(ctx: RuleContext, fn: Callable, src_stat: Stat):
+def _moments(ctx: RuleContext, fn: Callable, src_stat: Stat, key: Any = None):
+    std, mean, corr = _std_normal_nodes_stat(ctx, src_stat)
+    if key is None:
+        return _moments_uncached(fn, std, mean, corr)
+    # same elementwise chain at (nearly) the same input statistics: every layer of a model
+    ck = (key, float(f"{std:.4g}"), float(f"{mean:.4g}"), float(f"{corr:.3g}"))
+    hit = _MOMENTS_MEMO.get(ck)
+    if hit is None:
+        hit = _MOMENTS_MEMO[ck] = _moments_uncached(fn, std, mean, corr)
+    return hit
+
+
+#: memo of elementwise-chain moments keyed by the chain's structure and rounded input statistics
+_MOMENTS_MEMO: dict = {}
+
+
+def _moments_uncached(fn: Callable, std: float, mean: float, corr: float):
     from .gaussian import pointwise_moments
 
-    std, mean, corr = _std_normal_nodes_stat(ctx, src_stat)
     if std == 0.0:
         with torch.no_grad():
             v = float(fn(torch.tensor([mean], dtype=torch.float64))[0])
         return v, v, 0.0, 1.0, 0.0
-    m = pointwise_moments(fn, std, corr=corr, mean=mean)
+    if mean > 0 and std < _DELTA_CV * mean:
+        # a concentrated positive value (a mean of squares, a variance): the Gaussian's tails would
+        # reach negative values where rsqrt/log/sqrt are undefined; linearise around the mean
+        return _delta_moments(fn, mean, std, corr)
+    try:
+        m = pointwise_moments(fn, std, corr=corr, mean=mean)
+    except ValueError:
+        if mean > 0:
+            return _delta_moments(fn, mean, std, corr)
+        raise
     return m.rms, m.mean, m.grad_rms, m.corr, m.grad_corr
+
+
+#: coefficient of variation under which a positive input is treated with the delta method
+_DELTA_CV = 0.25
+
+
+def _delta_moments(fn: Callable, mean: float, std: float, corr: float):
+    """First-order (delta-method) moments of ``fn(x)`` for ``x`` concentrated around ``mean > 0``."""
+    h = max(mean * 1e-4, 1e-12)
+    with torch.no_grad():
+        x = torch.tensor([mean - h, mean, mean + h], dtype=torch.float64)
+        y = fn(x)
+    f0, d = float(y[1]), float(y[2] - y[0]) / (2 * h)
+    var = (d * std) ** 2
+    ms = f0 * f0 + var
+    out_corr = (f0 * f0 + var * corr) / ms if ms > 0 else 0.0
+    return math.sqrt(ms), f0, abs(d), out_corr, 1.0
 
 
 def _source(ctx: RuleContext, name: str | int) -> tuple[fx.Node, Callable[[torch.Tensor], torch.Tensor]]:
@@ -249,7 +290,14 @@ def _source(ctx: RuleContext, name: str | int) -> tuple[fx.Node, Callable[[torch
     s = ctx.analysis.fwd_of(a)
     if s is not None and s.trace is not None:
         return s.trace
-    return a, (lambda x: x)
+    return a, (lambda x: x), "x"
+
+
+def _op_key(ctx: RuleContext, children: tuple) -> tuple:
+    """Structural key of an elementwise op applied to traced children (for the moments cache)."""
+    consts = tuple(repr(a) for a in ctx.node.args if not isinstance(a, fx.Node))
+    consts += tuple(f"{k}={v!r}" for k, v in ctx.node.kwargs.items() if not isinstance(v, fx.Node))
+    return (str(ctx.node.target), consts, children)
 
 
 def _pointwise(ctx: RuleContext, op: Callable[..., torch.Tensor], tensor_args: list[str]) -> Stat:
@@ -259,14 +307,15 @@ def _pointwise(ctx: RuleContext, op: Callable[..., torch.Tensor], tensor_args: l
     if any(s[0] is not src for s in srcs):
         raise _NotSingleSource
     fns = [s[1] for s in srcs]
+    key = _op_key(ctx, tuple(s[2] for s in srcs))
 
     def composite(x: torch.Tensor) -> torch.Tensor:
         return op(*[f(x) for f in fns])
 
     src_stat = _require(ctx.analysis.fwd_of(src))
-    rms, mean, _, corr, _ = _moments(ctx, composite, src_stat)
+    rms, mean, _, corr, _ = _moments(ctx, composite, src_stat, key)
     return Stat(sympy.Float(rms, 6), sympy.Float(min(max(corr, 0.0), 1.0), 6), sympy.Float(mean, 6),
-                trace=(src, composite))
+                trace=(src, composite, key))
 
 
 def _pointwise_bwd(ctx: RuleContext, g: Stat) -> dict:
@@ -274,9 +323,9 @@ def _pointwise_bwd(ctx: RuleContext, g: Stat) -> dict:
     s: Stat | None = rec.fwd if rec is not None else None
     if s is None or s.trace is None:
         return {}
-    src, fn = s.trace
+    src, fn, key = s.trace
     src_stat = _require(ctx.analysis.fwd_of(src))
-    _, _, grad_rms, _, grad_corr = _moments(ctx, fn, src_stat)
+    _, _, grad_rms, _, grad_corr = _moments(ctx, fn, src_stat, key)
     return {src: Stat(g.rms * sympy.Float(grad_rms, 6), g.corr)}
 
 
@@ -366,9 +415,9 @@ def _binary_fwd(kind: str) -> Callable[[RuleContext], Stat]:
             c = b if kind == "mul" else 1.0 / b
             st = sa.scaled(c)
             if sa.trace is not None:
-                src, f = sa.trace
-                return Stat(st.rms, st.corr, st.mean, trace=(src, lambda x, f=f, c=c: f(x) * c))
-            return Stat(st.rms, st.corr, st.mean, trace=(a, lambda x, c=c: x * c))
+                src, f, k = sa.trace
+                return Stat(st.rms, st.corr, st.mean, trace=(src, lambda x, f=f, c=c: f(x) * c, ("scale", c, k)))
+            return Stat(st.rms, st.corr, st.mean, trace=(a, lambda x, c=c: x * c, ("scale", c, "x")))
         tensors = [n for n, t in ((a_name, a_t), (b_name, b_t)) if t]
         # elementwise function of one source (e.g. x * tanh(x)): integrate exactly
         try:
@@ -445,11 +494,13 @@ def _binary_bwd(kind: str):
         out: dict = {}
         out_numel = ctx.numel()
 
-        def bcast(name: str, st: Stat) -> Stat:
+        def bcast(name: str, st: Stat, other: Stat | None = None) -> Stat:
             ratio = _safe_div(out_numel, ctx.numel(name))
             if ratio == 1:
                 return st
-            f = _seq_corr_factor(ctx, ctx.shape(name), ctx.shape(), st.corr)
+            # the copies summed are g * other: correlated as g times other
+            c = st.corr * other.corr if other is not None else st.corr
+            f = _seq_corr_factor(ctx, ctx.shape(name), ctx.shape(), c)
             return Stat(st.rms * sympy.sqrt(ratio) * f, st.corr)
 
         sa = ctx.analysis.fwd_of(a) if isinstance(a, fx.Node) else _scalar_stat(a)
@@ -461,9 +512,9 @@ def _binary_bwd(kind: str):
                 out[b_name] = bcast(b_name, Stat(g.rms * sympy.Abs(alpha), g.corr))
         elif kind == "mul":
             if isinstance(a, fx.Node) and sb is not None:
-                out[a_name] = bcast(a_name, Stat(g.rms * sb.rms, g.corr))
+                out[a_name] = bcast(a_name, Stat(g.rms * sb.rms, g.corr), sb)
             if isinstance(b, fx.Node) and sa is not None:
-                out[b_name] = bcast(b_name, Stat(g.rms * sa.rms, g.corr))
+                out[b_name] = bcast(b_name, Stat(g.rms * sa.rms, g.corr), sa)
         elif kind == "div":
             if isinstance(b, fx.Node):
                 rinv, _, _, _, _ = _moments(ctx, torch.reciprocal, _require(sb))
@@ -936,6 +987,10 @@ def _mask_rows(mask: torch.Tensor | None, sq: int, sk: int) -> tuple[str, torch.
     return "general", m.sum(-1).double()  # allowed keys per query
 
 
+#: attention statistics by (mask kind, rounded input statistics, shapes)
+_ATTENTION_MEMO: dict = {}
+
+
 def _attention_stats(ctx: RuleContext, q: Stat, k: Stat, v: Stat, sq, sk, d, scale, mask_kind,
                      counts, kv_repeat, g: Stat | None = None):
     from .attention_stats import attention_stats, sum_p2_full
@@ -950,14 +1005,24 @@ def _attention_stats(ctx: RuleContext, q: Stat, k: Stat, v: Stat, sq, sk, d, sca
               q_corr=num(q.corr), k_corr=num(k.corr), v_corr=num(v.corr),
               grad_out_rms=ONE, grad_out_corr=num(g.corr) if g is not None else ZERO,
               kv_repeat=kv_repeat)
-    if mask_kind == "causal":
-        st = attention_stats(causal=True, **kw)
-    elif mask_kind == "general":
+    def rounded(v):
+        return sympy.Float(float(f"{float(v):.3g}"), 6) if isinstance(v, sympy.Basic) and v.is_number else v
+
+    kw = {k: rounded(v) if k not in ("sq", "sk", "d", "kv_repeat") else v for k, v in kw.items()}
+    hm = None
+    if mask_kind == "general":
         # average over the distinct allowed-key counts (padding, sliding windows...): harmonic mean
-        hm = float(1.0 / (1.0 / counts.clamp(min=1)).mean())
-        st = attention_stats(causal=False, valid_keys=sympy.Float(hm, 6), **kw)
-    else:
-        st = attention_stats(causal=False, **kw)
+        hm = sympy.Float(float(1.0 / (1.0 / counts.clamp(min=1)).mean()), 6)
+    memo_key = (mask_kind, hm, tuple(sorted(kw.items(), key=lambda kv: kv[0])))
+    st = _ATTENTION_MEMO.get(memo_key)
+    if st is None:
+        if mask_kind == "causal":
+            st = attention_stats(causal=True, **kw)
+        elif mask_kind == "general":
+            st = attention_stats(causal=False, valid_keys=hm, **kw)
+        else:
+            st = attention_stats(causal=False, **kw)
+        _ATTENTION_MEMO[memo_key] = st
     gr = g.rms if g is not None else ONE
     return dataclasses.replace(
         st, out_rms=v.rms * st.out_rms, grad_q_rms=gr * v.rms * st.grad_q_rms,
