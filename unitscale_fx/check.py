@@ -178,7 +178,7 @@ class MissingOpInfo:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        s = f"{self.op} (node {self.node})"
+        s = f"{self.op} (node{'s' if ', ' in self.node else ''} {self.node})"
         if self.source:
             s += "\n      " + "\n      ".join(ln.strip() for ln in self.source.strip().splitlines())
         return s
@@ -196,6 +196,8 @@ class Edge:
     role: str | None = None
     param: str | None = None
     module_type: str | None = None
+    node: str | None = None
+    """The FX node of the transformed graph that ran the op (see ``unitscale-fx inspect``)."""
 
     @property
     def log2_rms(self) -> float:
@@ -218,11 +220,15 @@ class Edge:
         s = f"{mod} {self.op}.{self.role}"
         if self.param:
             s += f" [{self.param}]"
+        if self.node:
+            s += f" (node {self.node})"
         return s
 
-    def short(self) -> str:
+    def short(self, node: bool = True) -> str:
         tag = {"forward": "fwd", "backward": "bwd", "grad": "grad"}.get(self.phase, self.phase)
         where = self.where if self.phase != "grad" else str(self.param)
+        if not node and self.node:
+            where = where.replace(f" (node {self.node})", "")
         return f"{where} ({tag}) rms={_fmt_rms(self.rms)}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -242,18 +248,26 @@ class ModelCheck:
         passed: every criterion holds.
         skipped: the model could not be built because an optional dependency is missing (only for
             models selected with ``--zoo``); a skipped model does not fail the run.
-        coverage: fraction of the captured ops that have a scale rule.
+        coverage: fraction of the captured ops (of the original model's graph) that have a scale
+            rule.
         n_ops: number of ops the analysis judged (those with a rule plus those without).
-        missing_ops: the ops without a rule.
+        missing_ops: the ops without a scale rule (node, op, user source line): the root causes.
+        unanalysed_ops: ops that have a rule but no predicted scale because an input comes from
+            an op without a rule (downstream of ``missing_ops``).
         forward_in_band / backward_in_band / grads_in_band: fractions in ``[1/band, band]``.
         counts: number of measured entries per group (forward, backward, grads).
         outside_outer: number of entries outside ``[1/outer, outer]`` per group.
         min_cosine / min_cosine_param: the smallest gradient cosine similarity and its parameter.
-        loss / loss_reference: the measured initial loss and ``ln(vocab)`` (language models only).
+        loss: the measured initial loss (what the model returns).
+        loss_terms: the cross-entropy-type losses found in the graph, each ``{"node", "op",
+            "classes", "value", "expected"}`` with ``expected = ln(classes)``.
+        expected_loss: ``ln(classes)`` of the judged loss (``None``: not a classification loss).
+        reference_loss: the loss of the exact-gradient reference (must equal ``loss``).
         worst_edges: the entries furthest from RMS 1 (``|log2 rms|``), worst first (at most 5).
         failures: one line per failed criterion.
         error: a traceback summary when a step raised (the model then fails).
         seconds: wall-clock time of the check.
+        timings: seconds per stage (build, analyse, transform, probe, reference).
     """
 
     name: str
@@ -263,6 +277,7 @@ class ModelCheck:
     coverage: float | None = None
     n_ops: int | None = None
     missing_ops: list[MissingOpInfo] = field(default_factory=list)
+    unanalysed_ops: list[MissingOpInfo] = field(default_factory=list)
     forward_in_band: float | None = None
     backward_in_band: float | None = None
     grads_in_band: float | None = None
@@ -272,10 +287,9 @@ class ModelCheck:
     min_cosine_param: str | None = None
     low_cosine_params: list[tuple[str, float]] = field(default_factory=list)
     loss: float | None = None
+    expected_loss: float | None = None
+    loss_terms: list[dict[str, Any]] = field(default_factory=list)
     reference_loss: float | None = None
-    loss_reference: float | None = None
-    language_model: bool = False
-    vocab: int | None = None
     nonfinite: list[str] = field(default_factory=list)
     worst_edges: list[Edge] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -283,6 +297,7 @@ class ModelCheck:
     warnings: list[str] = field(default_factory=list)
     sizes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def worst_edge(self) -> Edge | None:
@@ -304,10 +319,17 @@ class ModelCheck:
             lines.append(f"  - {f}")
         if self.missing_ops:
             lines.append(f"  ops without a scale rule ({len(self.missing_ops)}):")
+            groups: dict[tuple[str, str | None], list[str]] = {}
             for m in self.missing_ops:
-                lines.append(f"    - {m}")
+                groups.setdefault((m.op, m.source), []).append(m.node)
+            for (op, source), nodes in groups.items():
+                lines.append("    - " + str(MissingOpInfo(", ".join(nodes), op, source)))
+        if self.unanalysed_ops:
+            ops = sorted({m.op for m in self.unanalysed_ops})
+            lines.append(f"  {len(self.unanalysed_ops)} op(s) downstream of them have no predicted scale "
+                         f"(an input has none): {', '.join(ops[:8])}{' ...' if len(ops) > 8 else ''}")
         if self.worst_edges:
-            lines.append(f"  worst edges (furthest from RMS 1):")
+            lines.append("  worst edges (furthest from RMS 1):")
             for e in self.worst_edges[:5]:
                 lines.append(f"    - {e.short()}")
         if self.low_cosine_params:
@@ -334,6 +356,7 @@ class ModelCheck:
             "coverage": self.coverage,
             "n_ops": self.n_ops,
             "missing_ops": [m.to_dict() for m in self.missing_ops],
+            "unanalysed_ops": [m.to_dict() for m in self.unanalysed_ops],
             "forward_in_band": self.forward_in_band,
             "backward_in_band": self.backward_in_band,
             "grads_in_band": self.grads_in_band,
@@ -343,10 +366,10 @@ class ModelCheck:
             "min_cosine_param": self.min_cosine_param,
             "low_cosine_params": [[n, _json_float(c)] for n, c in self.low_cosine_params],
             "loss": _json_float(self.loss),
+            "expected_loss": _json_float(self.expected_loss),
+            "loss_terms": [{k: (_json_float(v) if isinstance(v, float) else v) for k, v in t.items()}
+                           for t in self.loss_terms],
             "reference_loss": _json_float(self.reference_loss),
-            "loss_reference": _json_float(self.loss_reference),
-            "language_model": self.language_model,
-            "vocab": self.vocab,
             "nonfinite": list(self.nonfinite),
             "worst_edge": self.worst_edge.to_dict() if self.worst_edge else None,
             "worst_edges": [e.to_dict() for e in self.worst_edges],
@@ -356,6 +379,7 @@ class ModelCheck:
             "warnings": list(self.warnings),
             "sizes": dict(self.sizes),
             "seconds": self.seconds,
+            "timings": dict(self.timings),
         }
 
 
@@ -426,7 +450,10 @@ class CheckReport:
                 ET.SubElement(case, "skipped", message=_xml_safe(m.error or "skipped"))
             elif not m.passed:
                 tag = "error" if m.error else "failure"
-                el = ET.SubElement(case, tag, message=text,
+                msg = m.failures[0] if m.failures else _first_line(m.error or "failed")
+                if len(m.failures) > 1:
+                    msg += f" (and {len(m.failures) - 1} more)"
+                el = ET.SubElement(case, tag, message=_xml_safe(msg),
                                    type="MissingRuleError" if (m.error and "MissingRuleError" in m.error) else
                                    ("Error" if m.error else "UnitScaleCheckFailure"))
                 el.text = text
@@ -463,8 +490,8 @@ class CheckReport:
                 _pct(m.backward_in_band, c.min_backward),
                 _pct(m.grads_in_band, c.min_grads),
                 "-" if m.min_cosine is None else _styled(f"{m.min_cosine:.6f}", m.min_cosine >= c.min_cosine),
-                "-" if m.loss is None else (f"{m.loss:.3f}" + (f" / ln V={m.loss_reference:.3f}" if m.loss_reference else "")),
-                "" if w is None else _escape(w.short()),
+                "-" if m.loss is None else (f"{m.loss:.3f}" + (f" (ln C={m.expected_loss:.3f})" if m.expected_loss else "")),
+                "" if w is None else _escape(w.short(node=False)),
                 f"{m.seconds:.1f}s",
             )
         return t
@@ -558,9 +585,7 @@ def _find_logits(output: Any) -> Any:
     if ok(logits):
         return logits
     if isinstance(output, Mapping):
-        if ok(output.get("logits")):
-            return output["logits"]
-        return None
+        return output["logits"] if ok(output.get("logits")) else None
     if isinstance(output, (tuple, list)):
         for t in output:
             if ok(t):
@@ -585,45 +610,222 @@ def _call(model: Any, inputs: Any) -> Any:
 
 
 def _loss(output: Any, loss_fn: Callable | None) -> Any:
-    from . import zoo
+    """The scalar loss of a model output: ``loss_fn(output)``, else ``output.loss`` /
+    ``output["loss"]`` / the output itself / the first (then the last) scalar of a tuple."""
+    import torch
 
-    loss = loss_fn(output) if loss_fn is not None else zoo.loss_of(output)
-    if loss.numel() != 1:
-        raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}; "
-                         "return (model, inputs, loss_fn) from the factory to say how to reduce the output")
+    from . import zoo
+    from .probe import _extract_loss
+
+    if loss_fn is not None:
+        loss = loss_fn(output)
+    else:
+        try:
+            loss = _extract_loss(output)
+        except ValueError:
+            loss = zoo.loss_of(output)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"the loss must be a scalar tensor, got {shape}; return (model, inputs, loss_fn) "
+                         "from the factory to say how to reduce the output")
     return loss.reshape(())
 
 
-def _step(model: Any, inputs: Any, loss_fn: Callable | None, seed: int, probe: Any = None) -> tuple[Any, Any]:
-    """One forward + backward with the RNG seeded by ``seed`` (restored afterwards). ``.grad`` of the
-    parameters is set to ``None`` first and holds this step's gradients afterwards."""
-    import contextlib
+def _step(model: Any, inputs: Any, loss_fn: Callable | None, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    """One plain forward + backward with the RNG seeded by ``seed`` (restored afterwards).
 
+    Returns ``(output, loss, grads)``, ``grads`` a detached copy of every parameter's gradient; the
+    parameters' ``.grad`` are left as they were before the call."""
     import torch
 
-    params = list(model.parameters())
-    for p in params:
-        p.grad = None
-    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        if devices:
-            torch.cuda.manual_seed_all(seed)
-        with torch.enable_grad(), (probe if probe is not None else contextlib.nullcontext()):
-            output = _call(model, inputs)
-            loss = _loss(output, loss_fn)
-            if loss.requires_grad:
-                loss.backward()
-    if probe is not None:
-        probe.record_param_grads(model)
-    return output, loss.detach()
+    params = list(model.named_parameters())
+    saved = [p.grad for _, p in params]
+    devices = sorted({p.device.index or 0 for _, p in params if p.device.type == "cuda"})
+    try:
+        for _, p in params:
+            p.grad = None
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            with torch.enable_grad():
+                output = _call(model, inputs)
+                loss = _loss(output, loss_fn)
+                if loss.requires_grad:
+                    loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in params if p.grad is not None}
+    finally:
+        for (_, p), g in zip(params, saved):
+            p.grad = g
+    return output, loss.detach(), grads
 
 
-def _edges(result: Any) -> list[Edge]:
-    edges = [Edge(r.phase, r.rms, r.module, r.op, r.role, r.param, r.module_type)
-             for r in list(result.forward) + list(result.backward)]
-    edges += [Edge("grad", v, param=n) for n, v in result.param_grads]
+# ---- attributing probe records to the module (path) and the FX node that ran the op -------------
+
+
+def _clean_fqn(path: str) -> str:
+    p = str(path)
+    for pre in ("L['self'].", "L['self']"):
+        if p.startswith(pre):
+            p = p[len(pre):]
+    return p.replace("[", ".").replace("]", "").replace("'", "").strip(".")
+
+
+def _node_owner(node: Any) -> tuple[str, str] | None:
+    """``(module path, module class name)`` of the innermost module that owns ``node``, from the
+    ``nn_module_stack`` that ``torch.export`` records (``None`` when absent)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for key, value in reversed(list(stack.items())):
+        if str(key).startswith("_empty_nn_module_stack"):
+            continue
+        try:
+            path, typ = value
+        except (TypeError, ValueError):
+            continue
+        tname = typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
+        return _clean_fqn(path), tname.rsplit(".", 1)[-1]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _scope_class() -> type:
+    import torch
+
+    class _NodeScope(torch.nn.Module):
+        """Runs one op of the graph as a module call, so the probe's module hooks name it (and
+        claim the autograd nodes it creates)."""
+
+        def __init__(self, fn: Callable, tap: bool = False) -> None:
+            super().__init__()
+            self.fn = fn
+            self.tap = tap
+            self.value: Any = None
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            out = self.fn(*args, **kwargs)
+            if self.tap and isinstance(out, torch.Tensor):
+                self.value = out.detach()
+            return out
+
+    return _NodeScope
+
+
+_SCOPES = "_us_check_scopes"
+_CE_OPS = ("cross_entropy_loss", "nll_loss", "nll_loss_forward", "nll_loss2d", "nll_loss2d_forward",
+           "nll_loss_nd", "binary_cross_entropy_with_logits")
+
+
+def _loss_classes(node: Any) -> int | None:
+    """Number of classes of a cross-entropy-type node with ``reduction="mean"`` (``None`` otherwise)."""
+    import torch
+
+    packet = getattr(getattr(node.target, "overloadpacket", None), "__name__", None)
+    if packet not in _CE_OPS:
+        return None
+    schema_args = [a.name for a in node.target._schema.arguments]
+    if "reduction" in schema_args:
+        i = schema_args.index("reduction")
+        red = node.args[i] if i < len(node.args) else node.kwargs.get("reduction", 1)
+        if red != 1:  # torch's Reduction.Mean
+            return None
+    if packet == "binary_cross_entropy_with_logits":
+        return 2
+    inp = node.args[0] if node.args else None
+    val = getattr(inp, "meta", {}).get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return None
+    c = val.shape[1] if val.dim() >= 2 else val.shape[0]
+    try:
+        return int(c)
+    except (TypeError, ValueError):
+        return None
+
+
+def _scoped_runner(gm: Any) -> tuple[Any, dict[str, tuple[str, str]], dict[str, tuple[str, str, int]]]:
+    """A copy of the transformed graph module in which every op runs inside its own small module.
+
+    Returns ``(runner, owners, taps)``: ``owners`` maps a scope's module name (as the probe reports
+    it) to ``(module path, module class)`` of the original model, and ``taps`` maps the scope name
+    of every cross-entropy-type node to ``(node name, op, classes)``; the runner records the value of
+    those nodes (``runner.get_submodule(scope).value``). The runner shares parameters, buffers and
+    submodules with ``gm`` and computes exactly the same ops in the same order.
+    """
+    import operator
+
+    import torch
+    import torch.fx as fx
+
+    Scope = _scope_class()
+    graph = fx.Graph()
+    env: dict = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    graph._codegen = gm.graph._codegen
+    root = torch.nn.Module()
+    root._modules = dict(gm._modules)
+    root._parameters = gm._parameters
+    root._buffers = gm._buffers
+    scopes = torch.nn.Module()
+    root._modules[_SCOPES] = scopes
+    owners: dict[str, tuple[str, str]] = {}
+    taps: dict[str, tuple[str, str, int]] = {}
+    owner_of: dict[Any, tuple[str, str]] = {}
+    skip = {operator.getitem}
+    for node in list(graph.nodes):
+        own = _node_owner(node)
+        if own is None:  # nodes the passes inserted: the owner of their first input
+            own = next((owner_of[a] for a in node.all_input_nodes if a in owner_of), None)
+        if own is not None:
+            owner_of[node] = own
+        if node.op != "call_function" or node.target in skip:
+            continue
+        classes = _loss_classes(node)
+        key = node.name
+        scopes.add_module(key, Scope(node.target, tap=classes is not None))
+        name = f"{_SCOPES}.{key}"
+        owners[name] = own or ("", "")
+        if classes is not None:
+            taps[name] = (node.name, str(node.target), classes)
+        with graph.inserting_before(node):
+            new = graph.call_module(name, node.args, node.kwargs)
+        new.meta = node.meta
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    runner = fx.GraphModule(root, graph, class_name="UnitScaleCheckRunner")
+    runner.train(gm.training)
+    return runner, owners, taps
+
+
+def _distinct(edges: Sequence[Edge], n: int) -> list[Edge]:
+    """The first ``n`` edges that do not repeat a (phase, where, rms) already listed: one tensor
+    multiplied in two ops of the backward pass (grad_input and grad_weight) is shown once."""
+    out, seen = [], set()
+    for e in edges:
+        key = (e.phase, e.where, e.rms if math.isfinite(e.rms) else str(e.rms))
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+            if len(out) == n:
+                break
+    return out
+
+
+def _edges(result: Any, owners: Mapping[str, tuple[str, str]], param_owner: Callable[[str], str]) -> list[Edge]:
+    edges = []
+    for r in list(result.forward) + list(result.backward):
+        node = None
+        module, mtype = r.module, r.module_type
+        if module and module.startswith(_SCOPES + "."):
+            node = module[len(_SCOPES) + 1:]
+            module, mtype = owners.get(module, (None, None))
+        elif module is not None and module.startswith(_SCOPES):
+            module, mtype = None, None
+        if module is None and r.param:
+            module = param_owner(r.param)
+        edges.append(Edge(r.phase, r.rms, module, r.op, r.role, r.param, mtype, node))
+    edges += [Edge("grad", v, param=n, module=param_owner(n)) for n, v in result.param_grads]
     return edges
+
+
+# ---- coverage -------------------------------------------------------------------------------------
 
 
 def _missing_infos(missing: Iterable[Any]) -> list[MissingOpInfo]:
@@ -633,7 +835,7 @@ def _missing_infos(missing: Iterable[Any]) -> list[MissingOpInfo]:
             node, op, src = (list(m) + [None, None, None])[:3]
         else:
             node, op, src = m.node, m.op, m.source
-        key = (str(op), src or str(node))
+        key = (str(node), str(op))
         if key in seen:
             continue
         seen.add(key)
@@ -641,17 +843,49 @@ def _missing_infos(missing: Iterable[Any]) -> list[MissingOpInfo]:
     return out
 
 
-def _coverage(analysis_result: Any) -> tuple[float | None, int | None]:
+def _split_missing(gm: Any, missing: Sequence[MissingOpInfo]) -> tuple[list[MissingOpInfo], list[MissingOpInfo]]:
+    """``(root causes, downstream)``: an op without a registered rule, or whose inputs all have a
+    scale, is a root cause; an op that has a rule but an input without a scale is downstream."""
+    from .analysis.record import META_KEY
+    from .analysis.registry import lookup
+
+    import operator
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+
+    def is_missing(n: Any) -> bool:
+        if n.op == "call_function" and n.target is operator.getitem and n.args:
+            return is_missing(n.args[0])
+        return bool(getattr(n.meta.get(META_KEY), "missing", False))
+
+    roots, downstream = [], []
+    for m in missing:
+        node = nodes.get(m.node)
+        if node is None or node.op != "call_function" or lookup(node.target) is None:
+            roots.append(m)
+        elif any(is_missing(a) for a in node.all_input_nodes):
+            downstream.append(m)
+        else:
+            roots.append(m)
+    return roots, downstream
+
+
+def _coverage(gm: Any) -> tuple[float | None, int]:
+    """``(fraction of judged ops with a scale rule, number of judged ops)``; an op that has a rule
+    but no scale because of an upstream op without one still counts as covered."""
     from .analysis.record import META_KEY
 
+    missing = [MissingOpInfo(n.name, "") for n in gm.graph.nodes
+               if getattr(n.meta.get(META_KEY), "missing", False)]
+    roots = {m.node for m in _split_missing(gm, missing)[0]}
     n_rule = n_missing = 0
-    for node in analysis_result.gm.graph.nodes:
+    for node in gm.graph.nodes:
         rec = node.meta.get(META_KEY)
         if rec is None or node.op in ("placeholder", "get_attr", "output"):
             continue
-        if getattr(rec, "missing", False):
+        if node.name in roots:
             n_missing += 1
-        elif getattr(rec, "rule", None) is not None:
+        elif getattr(rec, "missing", False) or getattr(rec, "rule", None) is not None:
             n_rule += 1
     total = n_rule + n_missing
     if total == 0:
@@ -784,73 +1018,113 @@ def _deadline(seconds: float | None):
 
 def _check_into(mc: ModelCheck, spec: Any, criteria: Criteria, sz: dict[str, Any], strict: bool,
                 loss_fn: Callable | None, skip_unavailable: bool) -> None:
-    import copy
-
     import torch
 
     from . import zoo
-    from .api import analyse, transform
-    from .config import Config
-    from .errors import MissingRuleError
-    from .probe import ScaleProbe
 
     c = criteria
+    clock = [time.perf_counter()]
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        mc.timings[stage] = round(now - clock[0], 3)
+        clock[0] = now
+
     if skip_unavailable and isinstance(spec, str) and ":" not in spec:
         entry = zoo.spec(spec.strip())
         missing_req = zoo._missing_requirements(entry.requires)
         if missing_req:
             raise _Skip(f"needs {', '.join(missing_req)}")
+    seed = int(sz.get("seed", 0))
+    devices = [torch.device(sz["device"]).index or 0] if torch.device(sz["device"]).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the whole check is deterministic given the seed
+        torch.manual_seed(seed)
+        _check_built(mc, spec, c, sz, strict, loss_fn, lap)
+
+
+def _check_built(mc: ModelCheck, spec: Any, c: Criteria, sz: dict[str, Any], strict: bool,
+                 loss_fn: Callable | None, lap: Callable[[str], None]) -> None:
+    import copy
+
+    import torch
+
+    from .api import analyse, transform
+    from .config import Config
+    from .errors import MissingRuleError
+    from .probe import measure_step
+
     built = _build(spec, sz)
     mc.name = built.name
     lf = loss_fn or built.loss_fn
     model, inputs = built.model, built.inputs
     seed = int(sz.get("seed", 0))
 
-    # the gradient reference needs the untouched model (the transform re-initialises in place)
+    # the exact-gradient reference is transformed from an untouched copy (the transform
+    # re-initialises the model's weights in place)
     ref_model, ref_problem = None, None
     try:
         ref_model = copy.deepcopy(model)
     except Exception as e:  # noqa: BLE001
         ref_problem = f"cannot deep-copy the model for the exact-gradient reference: {type(e).__name__}: {e}"
 
-    # 1. coverage
-    a = analyse(model, inputs)
-    mc.coverage, mc.n_ops = _coverage(a)
-    mc.missing_ops = _missing_infos(a.missing)
+    lap("build")
 
-    # 2. transform
+    # 1. coverage, judged on the original model's graph (rules are looked up in the forward analysis)
+    a = analyse(model, inputs, backward=False)
+    mc.coverage, mc.n_ops = _coverage(a.gm)
+    mc.missing_ops, mc.unanalysed_ops = _split_missing(a.gm, _missing_infos(a.missing))
+    del a
+    lap("analyse")
+
+    # 2. the transform, eager: the probe must see every op of the forward and the backward pass
+    cfg = Config(compile=False, strict=bool(strict))
     try:
-        us = transform(model, inputs, config=Config(compile=False, strict=bool(strict)))
+        us = transform(model, inputs, config=cfg)
     except MissingRuleError as e:
-        mc.missing_ops = _missing_infos(list(_as_tuples(mc.missing_ops)) + list(e.ops))
-        mc.failures.append(_coverage_failure(mc, c) or f"coverage: {len(mc.missing_ops)} op(s) without a scale rule")
-        mc.failures.append(f"strict: the transform raised MissingRuleError ({len(e.ops)} op(s) without a scale "
-                           "rule); nothing else was measured")
+        lap("transform")
+        if not mc.missing_ops:
+            mc.missing_ops = _missing_infos(e.ops)
+        mc.failures.append(_coverage_failure(mc, c, force=True))
+        mc.failures.append(f"strict: the transform raised MissingRuleError ({len(e.ops)} op(s) of the "
+                           "transformed graph without a scale); nothing else was measured")
         return
-    res_missing = getattr(getattr(us, "result", None), "missing", None) or []
-    if res_missing and not mc.missing_ops:
-        mc.missing_ops = _missing_infos(res_missing)  # ops without a rule the passes introduced
+    lap("transform")
     cov_fail = _coverage_failure(mc, c)
     if cov_fail:
         mc.failures.append(cov_fail)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    gm = us.graph_module
 
-    # 3. the measured step
-    probe = ScaleProbe(us)
-    output, loss = _step(us, inputs, lf, seed, probe)
-    result = probe.result()
-    grads = {n: p.grad.detach().clone() for n, p in us.named_parameters() if p.grad is not None}
-    for p in us.parameters():
-        p.grad = None
-    mc.loss = float(loss)
+    # 3. the measured step: one forward + backward under the scale probe, on the transformed graph
+    runner, owners, taps = _scoped_runner(gm)
+    p_owner: dict[str, str] = {}
+    for mname, mod in model.named_modules():
+        for pname, _ in mod.named_parameters(recurse=False):
+            p_owner[f"{mname}.{pname}" if mname else pname] = mname
+
+    def param_owner(name: str) -> str:
+        return p_owner.get(name, name.rpartition(".")[0])
+
+    holder: dict[str, Any] = {}
+
+    def probe_loss(output: Any) -> Any:
+        holder["output"] = output
+        holder["loss"] = _loss(output, lf)
+        return holder["loss"]
+
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        result = measure_step(runner, inputs, loss_fn=probe_loss)
+    mc.loss = float(holder["loss"].detach())
+    output = holder.pop("output")
     summ = result.summary(c.lo, c.hi, 1.0 / c.outer, c.outer)
     mc.forward_in_band = summ["forward"]["fraction_in_band"]
     mc.backward_in_band = summ["backward"]["fraction_in_band"]
     mc.grads_in_band = summ["grads"]["fraction_in_band"]
     mc.counts = {g: summ[g]["count"] for g in ("forward", "backward", "grads")}
     mc.outside_outer = {g: summ[g]["outside_outer"] for g in ("forward", "backward", "grads")}
-    edges = _edges(result)
-    mc.worst_edges = sorted(edges, key=lambda e: e.badness, reverse=True)[:5]
+    edges = sorted(_edges(result, owners, param_owner), key=lambda e: e.badness, reverse=True)
+    mc.worst_edges = _distinct(edges, 5)
     need = {"forward": c.min_forward, "backward": c.min_backward, "grads": c.min_grads}
     what = {"forward": "forward GEMM multiplicands", "backward": "backward GEMM multiplicands",
             "grads": "parameter gradients"}
@@ -864,79 +1138,105 @@ def _check_into(mc: ModelCheck, spec: Any, criteria: Criteria, sz: dict[str, Any
     for g in ("forward", "backward", "grads"):
         k = summ[g]["outside_outer"]
         if k:
-            bad = [e for e in sorted(edges, key=lambda e: e.badness, reverse=True)
-                   if (e.phase == g or (g == "grads" and e.phase == "grad"))]
+            phase = "grad" if g == "grads" else g
+            bad = [e for e in edges if e.phase == phase]
             mc.failures.append(f"{g}: {k} of {summ[g]['count']} {what[g]} have RMS outside [1/{c.outer:g}, "
                                f"{c.outer:g}] (worst: {bad[0].short() if bad else '?'})")
 
-    # 4. finiteness and initial loss
+    # 4. finiteness, and the initial loss
+    _, step_loss, grads = _step(us, inputs, lf, seed)  # the same step, without the probe
     if not math.isfinite(mc.loss):
         mc.nonfinite.append("loss")
-    mc.nonfinite += [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
+    mc.nonfinite += [f"{e.where} ({e.phase})" for e in edges if e.phase != "grad" and not math.isfinite(e.rms)]
+    mc.nonfinite += [f"{n} (grad)" for n, g in grads.items() if not bool(torch.isfinite(g).all())]
     if mc.nonfinite:
         shown = ", ".join(mc.nonfinite[:5]) + (" ..." if len(mc.nonfinite) > 5 else "")
         mc.failures.append(f"non-finite values (NaN/Inf) in {len(mc.nonfinite)} tensor(s): {shown}")
-    vocab = _vocab_of(built, sz)
-    logits = _find_logits(output)
-    mc.vocab = vocab
-    mc.language_model = bool(vocab and logits is not None and logits.shape[-1] == vocab)
-    if mc.language_model and vocab > 1:
-        mc.loss_reference = math.log(vocab)
-        if math.isfinite(mc.loss):
-            ratio = mc.loss / mc.loss_reference
-            if abs(ratio - 1.0) > c.loss_tolerance:
-                mc.failures.append(f"initial loss {mc.loss:.4f} is {ratio:.3f} x ln(vocab={vocab}) = "
-                                   f"{mc.loss_reference:.4f} (need within +-{c.loss_tolerance:g})")
+    if not _same_loss(float(step_loss), mc.loss):
+        mc.failures.append(f"the transformed model is not deterministic: the same step gave loss {mc.loss:.6f} "
+                           f"under the probe and {float(step_loss):.6f} without it")
+    _judge_loss(mc, c, runner, taps, built, sz, output)
+    del output, runner
+    lap("probe")
 
-    # 5. gradient validity against the exact gradient of the transformed forward
+    # 5. gradient validity: the exact gradient of the same transformed forward, i.e. the transform
+    #    with Config(scale_backward=False), identical parameters and the same RNG (dropout masks)
     if ref_model is None:
         mc.failures.append(f"gradient validity not checked: {ref_problem}")
         return
-    ref_model.load_state_dict(state)
-    ref = transform(ref_model, inputs, config=Config(compile=False, scale_backward=False, init="keep"))
-    _, ref_loss = _step(ref, inputs, lf, seed)
+    ref = transform(ref_model, inputs, config=cfg.replace(scale_backward=False, strict=False))
+    ref.load_state_dict(model.state_dict())
+    _, ref_loss, ref_grads = _step(ref, inputs, lf, seed)
     mc.reference_loss = float(ref_loss)
-    ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.grad is not None}
-    for p in ref.parameters():
-        p.grad = None
-    if not (math.isclose(mc.loss, mc.reference_loss, rel_tol=1e-4, abs_tol=1e-6)
-            or not (math.isfinite(mc.loss) and math.isfinite(mc.reference_loss))):
-        mc.failures.append(f"the reference transform (scale_backward=False, init='keep', same weights) gives loss "
-                           f"{mc.reference_loss:.6f}, not {mc.loss:.6f}: the forward depends on scale_backward "
-                           "or on the init")
+    lap("reference")
+    if not _same_loss(mc.reference_loss, mc.loss):
+        mc.failures.append(f"gradient validity: the reference transform (scale_backward=False, same weights) "
+                           f"gives loss {mc.reference_loss:.6f}, not {mc.loss:.6f}: the forward pass depends "
+                           "on scale_backward")
     cos: list[tuple[str, float]] = []
     for n in sorted(set(grads) | set(ref_grads)):
-        if n in grads and n in ref_grads:
-            cos.append((n, _cosine(grads[n], ref_grads[n])))
-        else:
-            cos.append((n, math.nan))
-    if cos:
-        worst = min(cos, key=lambda t: (not math.isnan(t[1]), t[1]))
-        mc.min_cosine_param, mc.min_cosine = worst
-        low = sorted([t for t in cos if not (t[1] >= c.min_cosine)], key=lambda t: (not math.isnan(t[1]), t[1]))
-        mc.low_cosine_params = low
-        if low:
-            n0, v0 = low[0]
-            mc.failures.append(f"gradient validity: {len(low)} of {len(cos)} parameter gradients have cosine "
-                               f"similarity < {c.min_cosine:g} with the exact gradient (worst {n0}: "
-                               + ("missing in one of the two runs" if math.isnan(v0) else f"{v0:.6f}") + ")")
-    else:
+        cos.append((n, _cosine(grads[n], ref_grads[n]) if n in grads and n in ref_grads else math.nan))
+    if not cos:
         mc.failures.append("gradient validity: no parameter has a gradient")
+        return
+    order = lambda t: (not math.isnan(t[1]), t[1])  # noqa: E731 - NaN first, then smallest
+    mc.min_cosine_param, mc.min_cosine = min(cos, key=order)
+    low = sorted([t for t in cos if not (t[1] >= c.min_cosine)], key=order)
+    mc.low_cosine_params = low
+    if low:
+        n0, v0 = low[0]
+        mc.failures.append(f"gradient validity: {len(low)} of {len(cos)} parameter gradients have cosine "
+                           f"similarity < {c.min_cosine:g} with the exact gradient (worst {n0}: "
+                           + ("missing in one of the two runs" if math.isnan(v0) else f"{v0:.6f}") + ")")
 
 
-def _as_tuples(infos: Iterable[MissingOpInfo]) -> Iterable[tuple[str, str, str | None]]:
-    for m in infos:
-        yield (m.node, m.op, m.source)
+def _same_loss(a: float, b: float) -> bool:
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return True  # reported as non-finite
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
 
 
-def _coverage_failure(mc: ModelCheck, c: Criteria) -> str | None:
+def _judge_loss(mc: ModelCheck, c: Criteria, runner: Any, taps: Mapping[str, tuple[str, str, int]],
+                built: _Built, sz: dict[str, Any], output: Any) -> None:
+    """Initial-loss sanity: every cross-entropy-type loss of the graph (mean reduction) within
+    ``loss_tolerance`` of ``ln(classes)``; with none in the graph, a model whose output has logits
+    over the vocabulary is judged on the loss it returns, against ``ln(vocab)``."""
+    terms = []
+    for scope, (node, op, classes) in taps.items():
+        value = runner.get_submodule(scope).value
+        if value is None or value.numel() != 1 or classes < 2:
+            continue
+        terms.append({"node": node, "op": op, "classes": int(classes), "value": float(value),
+                      "expected": math.log(classes)})
+    if not terms:
+        vocab = _vocab_of(built, sz)
+        logits = _find_logits(output)
+        if vocab and vocab > 1 and logits is not None and logits.shape[-1] == vocab and mc.loss is not None:
+            terms.append({"node": None, "op": "loss", "classes": int(vocab), "value": mc.loss,
+                          "expected": math.log(vocab)})
+    mc.loss_terms = terms
+    if not terms:
+        return
+    mc.expected_loss = terms[0]["expected"]
+    for t in terms:
+        v, e = t["value"], t["expected"]
+        if not math.isfinite(v):
+            continue  # reported as non-finite
+        ratio = v / e
+        if abs(ratio - 1.0) > c.loss_tolerance:
+            where = f"{t['op']} (node {t['node']})" if t["node"] else "the loss"
+            mc.failures.append(f"initial loss: {where} is {v:.4f} = {ratio:.3f} x ln({t['classes']}) = {e:.4f} "
+                               f"(need within +-{100 * c.loss_tolerance:g}%)")
+
+
+def _coverage_failure(mc: ModelCheck, c: Criteria, force: bool = False) -> str | None:
     cov = mc.coverage
     n_missing = len(mc.missing_ops)
-    if (cov is not None and cov < c.min_coverage) or (n_missing and c.min_coverage >= 1.0):
+    if force or (cov is not None and cov < c.min_coverage) or (n_missing and c.min_coverage >= 1.0):
         ops = ", ".join(sorted({m.op for m in mc.missing_ops})) or "?"
         cov_s = "?" if cov is None else f"{100 * cov:.1f}%"
-        return (f"coverage {cov_s} < {100 * c.min_coverage:.1f}%: {n_missing} op(s) without a scale rule "
-                f"({ops})")
+        return (f"coverage {cov_s} (need >= {100 * c.min_coverage:g}%): {n_missing} op(s) without a scale rule: "
+                f"{ops}")
     return None
 
 

@@ -1044,12 +1044,51 @@ def _sdpa_parts(ctx: RuleContext):
         kind, counts = "full", None
     else:
         mask = ctx.const("attn_mask")
-        if mask is None:
-            raise Unsupported("attention mask could not be evaluated from the example inputs")
-        hs = ctx.analysis.hints
-        kind, counts = _mask_rows(mask, int(_numeric(ctx, sq)), int(_numeric(ctx, sk)))
-        _ = hs
+        if mask is not None:
+            kind, counts = _mask_rows(mask, int(_numeric(ctx, sq)), int(_numeric(ctx, sk)))
+        else:
+            # a learned additive bias (T5/ALiBi-style position bias), possibly plus a constant mask
+            bias, const_part = _split_learned_mask(ctx, ctx.arg("attn_mask"))
+            if bias is None:
+                raise Unsupported("attention mask could not be evaluated from the example inputs")
+            kind, counts = "full", None
+            if const_part is not None:
+                kind, counts = _mask_rows(const_part, int(_numeric(ctx, sq)), int(_numeric(ctx, sk)))
+            # the bias adds its variance to the logits: fold it into the query scale
+            b = ctx.analysis.value_of(bias.rms) or 0.0
+            s2 = (ctx.analysis.value_of(scale) or 0.0) ** 2 * (ctx.analysis.value_of(d) or 0.0) * \
+                (ctx.analysis.value_of(q.rms) or 0.0) ** 2 * (ctx.analysis.value_of(k.rms) or 0.0) ** 2
+            if s2 > 0 and b > 0:
+                q = Stat(q.rms * sympy.Float(math.sqrt(1 + b * b / s2), 6), q.corr, q.mean)
     return q, k, v, sq, sk, d, scale, kind, counts, kv_repeat
+
+
+def _split_learned_mask(ctx: RuleContext, node: Any) -> tuple[Stat | None, torch.Tensor | None]:
+    """For ``mask = bias (+ constant)``: the statistics of the learned part and the constant part."""
+    const_part = None
+    cur = node
+    for _ in range(8):
+        if not isinstance(cur, fx.Node):
+            return None, None
+        if ctx.analysis.requires_grad(cur) and ctx.analysis.fwd_of(cur) is not None:
+            st = ctx.analysis.fwd_of(cur)
+            if ctx.analysis.value_of(st.rms) is not None and math.isfinite(ctx.analysis.value_of(st.rms)):
+                return st, const_part
+        if cur.op == "call_function" and getattr(cur.target, "overloadpacket", None) is aten.add:
+            a, b = cur.args[0], cur.args[1]
+            for x, y in ((a, b), (b, a)):
+                cv = ctx.analysis.const_value(y) if isinstance(y, fx.Node) else None
+                if cv is not None and isinstance(x, fx.Node) and ctx.analysis.requires_grad(x):
+                    const_part, cur = cv, x
+                    break
+            else:
+                return None, None
+            continue
+        if cur.op == "call_function" and cur.args and isinstance(cur.args[0], fx.Node):
+            cur = cur.args[0]  # views, slices, casts, expands of the mask
+            continue
+        return None, None
+    return None, None
 
 
 def _sdpa_fwd(ctx: RuleContext) -> Stat:
@@ -1069,8 +1108,13 @@ def _sdpa_bwd(ctx: RuleContext, g: Stat) -> dict:
     if p > 0:
         g = Stat(g.rms * sympy.Float(1 / math.sqrt(1 - p), 8), g.corr)
     st = _attention_stats(ctx, q, k, v, sq, sk, d, scale, kind, counts, rep, g=g)
-    return {"query": Stat(st.grad_q_rms, ZERO), "key": Stat(st.grad_k_rms, ZERO),
-            "value": Stat(st.grad_v_rms, _grad_v_corr(ctx, st, g, sq, sk, rep))}
+    out = {"query": Stat(st.grad_q_rms, ZERO), "key": Stat(st.grad_k_rms, ZERO),
+           "value": Stat(st.grad_v_rms, _grad_v_corr(ctx, st, g, sq, sk, rep))}
+    mask = ctx.arg("attn_mask")
+    if isinstance(mask, fx.Node) and ctx.analysis.requires_grad(mask):
+        # d loss / d bias = d loss / d logits; grad_q = scale * grad_logits @ k gives its scale
+        out["attn_mask"] = Stat(_safe_div(st.grad_q_rms, sympy.Abs(scale) * k.rms * sympy.sqrt(sk)), ZERO)
+    return out
 
 
 def _grad_v_corr(ctx: RuleContext, st: Any, g: Stat, sq: Any, sk: Any, rep: Any) -> sympy.Expr:

@@ -38,8 +38,16 @@ def _packet(n: Any) -> Any:
     return getattr(getattr(n, "target", None), "overloadpacket", getattr(n, "target", None))
 
 
+_ASSERTS = (aten._assert_tensor_metadata.default,)
+
+
+def _real_users(n: fx.Node) -> list[fx.Node]:
+    """Users that consume the value (runtime metadata asserts do not)."""
+    return [u for u in n.users if u.target not in _ASSERTS]
+
+
 def _single_user(n: fx.Node) -> bool:
-    return len(n.users) == 1
+    return len(_real_users(n)) == 1
 
 
 def _is_last_two_transpose(n: fx.Node) -> fx.Node | None:
@@ -114,14 +122,14 @@ class FuseAttention(Pass):
         nodes = [softmax]
         # ---- walk down: cast back, dropout, matmul with v
         cur = softmax
-        user = next(iter(cur.users))
+        user = _real_users(cur)[0]
         dropout_p = 0.0
         mode = None
         while True:
             p = _packet(user)
             if p in _CASTS and _single_user(user):
                 nodes.append(user)
-                cur, user = user, next(iter(user.users))
+                cur, user = user, _real_users(user)[0]
                 continue
             if (user.target is rt_dropout or p is aten.dropout) and _single_user(user):
                 dropout_p = float(user.args[1])
@@ -130,7 +138,7 @@ class FuseAttention(Pass):
                 elif not (user.args[2] if len(user.args) > 2 else True):
                     dropout_p = 0.0
                 nodes.append(user)
-                cur, user = user, next(iter(user.users))
+                cur, user = user, _real_users(user)[0]
                 continue
             break
         if _packet(user) not in _MATMUL or user.args[0] is not cur:
@@ -222,6 +230,9 @@ class FuseAttention(Pass):
         new.meta.update({k: v for k, v in out.meta.items() if k != "unitscale"})
         out.replace_all_uses_with(new)
         for n in [out] + m["nodes"]:
+            for u in list(n.users):
+                if u.target in _ASSERTS:
+                    g.erase_node(u)
             if not n.users and n.graph is g:
                 g.erase_node(n)
         if not m["kt"].users:

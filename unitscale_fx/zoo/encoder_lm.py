@@ -62,6 +62,6 @@ class EncoderLM(nn.Module):
     description="nn.TransformerEncoder (pre-LN, GELU, causal mask) as a causal LM",
 )
 def build(*, hidden=256, layers=4, heads=4, seq=128, batch=4, vocab=1024, seed=0, device="cpu"):
-    model = EncoderLM(vocab=vocab, hidden=hidden, layers=layers, heads=heads, max_seq=seq)
+    model = EncoderLM(vocab=vocab, hidden=hidden, layers=layers, heads=heads, max_seq=seq, dropout=0.0)
     ids = _tokens(_generator(seed), batch, seq, vocab)
     return model, {"input_ids": ids, "labels": ids.clone()}

@@ -1,0 +1,236 @@
+"""End-to-end properties of ``unitscale_fx.transform`` on small models.
+
+Sizes are small to keep the suite fast; the acceptance sizes (hidden 256, 4 layers, seq 128) run in
+``test_acceptance.py`` (marked slow).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import unitscale_fx
+from unitscale_fx import Config, zoo
+from unitscale_fx.probe import measure_step
+
+SMALL = dict(hidden=64, layers=2, heads=2, seq=32, batch=2, vocab=256)
+EAGER = Config(compile=False)
+
+
+def _loss(out):
+    if isinstance(out, tuple):
+        return next(t for t in out if isinstance(t, torch.Tensor) and t.dim() == 0)
+    if isinstance(out, dict) and not hasattr(out, "loss"):
+        return out["loss"]
+    return out.loss
+
+
+def _grads(model, kw):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    _loss(model(**kw)).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _pair(name: str, **overrides):
+    """The same transformed model twice: default config, and ``overrides`` - identical parameters."""
+    model, kw = zoo.get(name, **SMALL)
+    other = copy.deepcopy(model)
+    a = unitscale_fx.transform(model, example_inputs=kw, config=EAGER)
+    b = unitscale_fx.transform(other, example_inputs=kw, config=EAGER.replace(**overrides))
+    b.load_state_dict(a.state_dict())
+    return a, b, kw
+
+
+@pytest.mark.parametrize("name", ["nanogpt", "gpt2", "llama"])
+def test_gradient_is_exact_up_to_positive_scalar_per_parameter(name):
+    """Backward-only scales never change a gradient's direction (the cut-edge rule)."""
+    a, b, kw = _pair(name, scale_backward=False)
+    ga, gb = _grads(a, kw), _grads(b, kw)
+    assert ga.keys() == gb.keys() and ga
+    for n in ga:
+        cos = F.cosine_similarity(ga[n].flatten().double(), gb[n].flatten().double(), dim=0).item()
+        assert cos >= 0.9999, (n, cos)
+        ratio = (ga[n].double().norm() / gb[n].double().norm()).item()
+        assert ratio > 0 and math.isfinite(ratio), (n, ratio)
+
+
+@pytest.mark.parametrize("name", ["nanogpt", "gpt2"])
+def test_forward_identical_with_and_without_backward_scales(name):
+    a, b, kw = _pair(name, scale_backward=False)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        la, lb = _loss(a(**kw)), _loss(b(**kw))
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_and_unfused_configs_both_unit_scale_the_same_model():
+    a, b, kw = _pair("nanogpt", fuse_attention=False)
+    assert a.result.counts["fuse_attention"]["fused"] == SMALL["layers"]
+    assert "fuse_attention" not in b.result.counts
+    a.eval(), b.eval()
+    with torch.no_grad():
+        la, lb = _loss(a(**kw)).item(), _loss(b(**kw)).item()
+    # different graphs (fused SDPA vs matmul/softmax) with their own unit scales: both start at ln(V)
+    assert la == pytest.approx(math.log(SMALL["vocab"]), rel=0.02)
+    assert lb == pytest.approx(math.log(SMALL["vocab"]), rel=0.02)
+
+
+def test_state_dict_and_parameters_are_the_original_ones():
+    model, kw = zoo.get("gpt2", **SMALL)
+    ref = copy.deepcopy(model)
+    params = {n: p for n, p in model.named_parameters()}
+    m = unitscale_fx.transform(model, example_inputs=kw, config=EAGER)
+    assert list(m.state_dict().keys()) == list(ref.state_dict().keys())
+    assert all(p is params[n] for n, p in m.named_parameters())
+    # a checkpoint of either loads into the other strictly
+    ref.load_state_dict(m.state_dict(), strict=True)
+    m.load_state_dict(ref.state_dict(), strict=True)
+    # tied weights stay tied after the unit re-init
+    assert m.lm_head.weight is m.transformer.wte.weight
+    assert m.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.05)
+
+
+def test_outputs_keep_their_structure_and_later_shapes_run_without_retrace():
+    model, kw = zoo.get("gpt2", **SMALL)
+    m = unitscale_fx.transform(model, config=EAGER)  # lazy capture at the first call
+    out = m(**kw)
+    assert type(out).__name__ == "CausalLMOutputWithCrossAttentions"
+    assert out.logits.shape == (SMALL["batch"], SMALL["seq"], SMALL["vocab"])
+    gm = m.result.gm
+    ids = kw["input_ids"][:1, :24]
+    out2 = m(input_ids=ids, labels=ids)
+    assert out2.logits.shape == (1, 24, SMALL["vocab"])
+    assert m.result.gm is gm
+
+
+def test_train_and_eval_switch_dropout():
+    model, kw = zoo.get("gpt2", **SMALL)  # HF GPT-2 has residual/embedding dropout 0.1
+    m = unitscale_fx.transform(model, example_inputs=kw, config=EAGER)
+    m.eval()
+    with torch.no_grad():
+        a, b = m(**kw).logits, m(**kw).logits
+    torch.testing.assert_close(a, b)
+    m.train()
+    with torch.no_grad():
+        c, d = m(**kw).logits, m(**kw).logits
+    assert not torch.equal(c, d)
+    assert model.training and m.training
+
+
+def test_optimizer_step_runs_and_loss_is_finite():
+    model, kw = zoo.get("llama", **SMALL)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # built before the transform
+    m = unitscale_fx.transform(model, config=EAGER)
+    for _ in range(2):
+        opt.zero_grad()
+        loss = m(**kw).loss
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ["nanogpt", "gpt2", "llama", "transformer_encoder_lm"])
+def test_initial_loss_is_near_ln_vocab(name):
+    model, kw = zoo.get(name, **SMALL)
+    m = unitscale_fx.transform(model, example_inputs=kw, config=EAGER)
+    with torch.no_grad():
+        loss = _loss(m(**kw)).item()
+    assert abs(loss - math.log(SMALL["vocab"])) / math.log(SMALL["vocab"]) < 0.02
+
+
+@pytest.mark.parametrize("name", ["nanogpt", "gpt2", "llama"])
+def test_probe_in_band_after_transform(name):
+    model, kw = zoo.get(name, **SMALL)
+    before = measure_step(model, kw)
+    m = unitscale_fx.transform(model, example_inputs=kw, config=EAGER)
+    after = measure_step(m, kw)
+    assert after.fraction_in_band("forward") >= 0.95
+    assert after.fraction_in_band("backward") >= 0.90
+    assert after.fraction_in_band("grads") >= 0.85  # small models: fewer tokens per gradient sum
+    assert not after.out_of_band("forward", 1 / 8, 8) and not after.out_of_band("backward", 1 / 8, 8)
+    assert after.fraction_in_band("forward") > before.fraction_in_band("forward")
+
+
+def test_user_model_is_not_modified_until_called_and_init_keep_keeps_weights():
+    model, kw = zoo.get("nanogpt", **SMALL)
+    ref = copy.deepcopy(model.state_dict())
+    m = unitscale_fx.transform(model, config=EAGER.replace(init="keep"))
+    m(**kw)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ref[k])
+
+
+def test_transforming_twice_is_refused():
+    model, kw = zoo.get("nanogpt", **SMALL)
+    m = unitscale_fx.transform(model, example_inputs=kw, config=EAGER)
+    with pytest.raises(unitscale_fx.AlreadyTransformedError):
+        unitscale_fx.transform(m, example_inputs=kw, config=EAGER)
+
+
+# --------------------------------------------------------------------------- errors and strictness
+class _Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.ops.unitscale_test.odd(self.lin(x)).pow(2).mean()
+
+
+@pytest.fixture(scope="module")
+def odd_op():
+    lib = torch.library.Library("unitscale_test", "FRAGMENT")
+    lib.define("odd(Tensor x) -> Tensor")
+    lib.impl("odd", lambda x: x * 2, "CompositeExplicitAutograd")
+    lib.impl("odd", lambda x: torch.empty_like(x), "Meta")
+    yield
+    lib._destroy()
+
+
+def test_op_without_rule_is_reported_with_source_line(odd_op):
+    res = unitscale_fx.analyse(_Odd(), (torch.randn(4, 16),))
+    assert any("unitscale_test.odd" in m.op for m in res.missing)
+    assert any("test_transform.py" in (m.source or "") for m in res.missing)
+
+
+def test_strict_mode_raises_missing_rule_error(odd_op):
+    with pytest.raises(unitscale_fx.MissingRuleError) as e:
+        unitscale_fx.transform(_Odd(), example_inputs=(torch.randn(4, 16),), config=EAGER.replace(strict=True))
+    assert "unitscale_test.odd" in str(e.value) and "test_transform.py" in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [dict(init="zeros"), dict(compile="yes"), dict(residual="sum"),
+                                 dict(exclude=("",)), dict(filter_fn=3)])
+def test_bad_config_raises_config_error(bad):
+    with pytest.raises(unitscale_fx.ConfigError):
+        Config(**bad)
+
+
+def test_capture_error_names_the_problem():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return x * 2
+            return x
+
+    with pytest.raises(unitscale_fx.CaptureError) as e:
+        unitscale_fx.transform(DataDependent(), example_inputs=(torch.randn(3, 4),), config=EAGER)
+    assert "test_transform.py" in str(e.value)
+
+
+def test_analyse_on_meta_device_predicts_without_weights():
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 512, (2, 16))
+    res = unitscale_fx.analyse(model, {"input_ids": ids, "labels": ids})
+    assert res.gm is not None
+    assert all(p.device.type == "meta" for p in model.parameters())
