@@ -128,7 +128,7 @@ class _Evaluator:
 
     def _slow(self, e: sympy.Basic) -> float | None:
         try:
-            sub = {s: sympy.Float(self._sym(s)) for s in e.free_symbols if self._sym(s) is not None}
+            sub = {s: sympy.Float(self._sym(s)) for s in _Scan().symbols(e) if self._sym(s) is not None}
             v = complex(e.xreplace(sub).evalf())
             return v.real if abs(v.imag) < 1e-12 * max(1.0, abs(v.real)) else None
         except (TypeError, ValueError, OverflowError, AttributeError):
@@ -226,6 +226,57 @@ class _Evaluator:
         return self._slow(e)
 
 
+
+class _Scan:
+    """Free symbols and "has a Float" of sympy expression DAGs, each distinct sub-expression visited
+    once (sympy's own ``free_symbols`` / ``has`` walk the tree, exponential on shared DAGs)."""
+
+    def __init__(self) -> None:
+        self.memo: dict[int, tuple[Any, frozenset, bool]] = {}
+
+    def __call__(self, e: Any) -> tuple[frozenset, bool]:
+        memo = self.memo
+        hit = memo.get(id(e))
+        if hit is not None and hit[0] is e:
+            return hit[1], hit[2]
+        stack: list[tuple[Any, bool]] = [(e, False)]
+        while stack:
+            x, done = stack.pop()
+            h = memo.get(id(x))
+            if h is not None and h[0] is x:
+                continue
+            args = getattr(x, "args", ())
+            if not isinstance(args, tuple):
+                args = ()
+            if not done:
+                stack.append((x, True))
+                for a in args:
+                    ha = memo.get(id(a))
+                    if ha is None or ha[0] is not a:
+                        stack.append((a, False))
+                continue
+            if isinstance(x, sympy.Symbol):
+                syms, flt = frozenset((x,)), False
+            elif isinstance(x, sympy.Float):
+                syms, flt = frozenset(), True
+            else:
+                syms, flt = frozenset(), False
+                for a in args:
+                    ha = memo[id(a)]
+                    if ha[1]:
+                        syms = syms | ha[1] if syms else ha[1]
+                    flt = flt or ha[2]
+                bound = getattr(x, "bound_symbols", None)
+                if bound and not isinstance(x, sympy.Symbol):
+                    syms = syms - frozenset(bound)
+            memo[id(x)] = (x, syms, flt)
+        h = memo[id(e)]
+        return h[1], h[2]
+
+    def symbols(self, e: Any) -> frozenset:
+        return self(e)[0]
+
+
 def eval_expr(expr: Any, env: Mapping[Any, float] | None = None) -> float | None:
     """Float value of a sympy expression with symbols bound by ``env`` (``None`` if not numeric)."""
     return _Evaluator(env or {})(expr)
@@ -265,11 +316,13 @@ class _Printer:
     export symbols (``s72``) renamed (``batch``). ``budget`` bounds the number of sub-expressions
     printed; what is left over prints as ``…``."""
 
-    def __init__(self, names: Mapping[str, str], budget: int | None = None, digits: int = 4):
+    def __init__(self, names: Mapping[str, str], budget: int | None = None, digits: int = 4,
+                 scan: "_Scan | None" = None):
         self.names = dict(names)
         self.budget = budget
         self.digits = digits
         self.ordered = True
+        self.scan = scan if scan is not None else _Scan()
 
     def __call__(self, e: Any) -> str:
         if e is None:
@@ -282,7 +335,8 @@ class _Printer:
             return str(e)
         if self.budget is not None:
             self.ordered = _tree_size(e, self.budget) <= self.budget
-        if not e.free_symbols and not e.is_Number and e.has(sympy.Float):
+        syms, has_float = self.scan(e)
+        if not syms and not e.is_Number and has_float:
             v = eval_expr(e)
             if v is not None:
                 return _num(v, self.digits)
@@ -330,18 +384,18 @@ class _Printer:
             name = type(e).__name__
             name = _FN_NAMES.get(name, name)
             return f"{name}({', '.join(self._p(a) for a in e.args)})"
-        renamed = e.xreplace({s: sympy.Symbol(self.names[s.name]) for s in e.free_symbols
+        renamed = e.xreplace({s: sympy.Symbol(self.names[s.name]) for s in self.scan.symbols(e)
                               if isinstance(s, sympy.Symbol) and s.name in self.names})
         return sympy.sstr(renamed)
 
     def _add(self, e: sympy.Add) -> str:
         terms = list(e.as_ordered_terms()) if self.ordered else list(e.args)
         if any(t.is_Float for t in terms):  # inexact: fold the numeric terms into one number
-            const = [t for t in terms if not t.free_symbols]
+            const = [t for t in terms if not self.scan.symbols(t)]
             if len(const) > 1 or (const and not const[0].is_Number):
                 v = eval_expr(sympy.Add(*const))
                 if v is not None:
-                    terms = [t for t in terms if t.free_symbols] + ([sympy.Float(v)] if v != 0 else [])
+                    terms = [t for t in terms if self.scan.symbols(t)] + ([sympy.Float(v)] if v != 0 else [])
         out = ""
         for i, t in enumerate(terms):
             neg = t.could_extract_minus_sign()
@@ -366,7 +420,7 @@ class _Printer:
             c = float(coeff)
             keep = []
             for f in factors:
-                v = eval_expr(f) if not f.free_symbols else None
+                v = eval_expr(f) if not self.scan.symbols(f) else None
                 if v is not None:
                     c *= v
                 else:
@@ -1080,6 +1134,7 @@ class _Builder:
         env.update({k: float(v) for k, v in (cap.hints or {}).items()})
         env.update({k: float(v) for k, v in (hints or {}).items()})
         self.ev = _Evaluator(env)
+        self.scan = _Scan()
         self.names = {str(k): str(v) for k, v in (cap.symbol_names or {}).items()}
         self.symbols: dict[str, int] = {}
         for k, v in sorted((cap.hints or {}).items(), key=lambda kv: str(self.names.get(str(kv[0]), kv[0]))):
@@ -1096,7 +1151,7 @@ class _Builder:
             return self.expr_cache[key]
         except (KeyError, TypeError):
             pass
-        s = _Printer(self.names, budget)(e)
+        s = _Printer(self.names, budget, scan=self.scan)(e)
         try:
             self.expr_cache[key] = s
         except TypeError:
@@ -1109,7 +1164,7 @@ class _Builder:
         if isinstance(st, Stat):
             e = st.rms
             try:
-                symbolic = bool(sympy.sympify(e).free_symbols)
+                symbolic = bool(self.scan.symbols(sympy.sympify(e)))
             except (sympy.SympifyError, TypeError):
                 symbolic = False
             return StatEntry(self.expr(e), self.ev(e), measured, symbolic)

@@ -1024,6 +1024,14 @@ def _attention_stats(ctx: RuleContext, q: Stat, k: Stat, v: Stat, sq, sk, d, sca
             st = attention_stats(causal=False, **kw)
         _ATTENTION_MEMO[memo_key] = st
     gr = g.rms if g is not None else ONE
+
+    def small(e):  # expressions past the size limit are evaluated at the hints (as ``tame`` does)
+        return ctx.analysis.tame(Stat(e)).rms
+
+    st = dataclasses.replace(st, out_rms=small(st.out_rms), grad_q_rms=small(st.grad_q_rms),
+                             grad_k_rms=small(st.grad_k_rms), grad_v_rms=small(st.grad_v_rms))
+    v = Stat(small(v.rms), v.corr)
+    gr = small(gr)
     return dataclasses.replace(
         st, out_rms=v.rms * st.out_rms, grad_q_rms=gr * v.rms * st.grad_q_rms,
         grad_k_rms=gr * v.rms * st.grad_k_rms, grad_v_rms=gr * st.grad_v_rms)
@@ -1070,10 +1078,10 @@ def _split_learned_mask(ctx: RuleContext, node: Any) -> tuple[Stat | None, torch
     for _ in range(8):
         if not isinstance(cur, fx.Node):
             return None, None
-        if ctx.analysis.requires_grad(cur) and ctx.analysis.fwd_of(cur) is not None:
-            st = ctx.analysis.fwd_of(cur)
-            if ctx.analysis.value_of(st.rms) is not None and math.isfinite(ctx.analysis.value_of(st.rms)):
-                return st, const_part
+        st = ctx.analysis.fwd_of(cur) if ctx.analysis.requires_grad(cur) else None
+        rms = ctx.analysis.value_of(st.rms) if st is not None else None
+        if rms is not None and math.isfinite(rms) and rms < 1e4:  # not polluted by mask values
+            return st, const_part
         if cur.op == "call_function" and getattr(cur.target, "overloadpacket", None) is aten.add:
             a, b = cur.args[0], cur.args[1]
             for x, y in ((a, b), (b, a)):
