@@ -295,5 +295,11 @@ def _is_head(node: fx.Node, ga: GraphAnalysis) -> bool:
             if k in ("view", "dropout", "scale") or _rule_name(u) in _VIEWISH:
                 frontier.append(u)
                 continue
+            if _rule_name(u) == "add" and all(
+                a is n or (isinstance(a, fx.Node) and a.op == "get_attr") or not isinstance(a, fx.Node)
+                for a in u.args[:2]
+            ):
+                frontier.append(u)  # the head's own bias (split from the matmul)
+                continue
             return False
     return reached_loss_or_out
