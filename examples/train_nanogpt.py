@@ -48,7 +48,7 @@ def train(model, lr: float, data, args) -> list[float]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
