@@ -49,12 +49,23 @@ MODELS_SRC = textwrap.dedent('''
         _wiggle.register_autograd(_backward, setup_context=_setup)
 
 
+    class SplitQKV(nn.Module):
+        def __init__(self, hidden):
+            super().__init__()
+            self.q = nn.Linear(hidden, hidden)
+            self.k = nn.Linear(hidden, hidden)  # its bias has a structurally zero gradient
+            self.v = nn.Linear(hidden, hidden)
+
+        def forward(self, x):
+            return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
     class Block(nn.Module):
-        def __init__(self, hidden, heads, custom):
+        def __init__(self, hidden, heads, custom, split=False):
             super().__init__()
             self.heads, self.custom = heads, custom
             self.ln1 = nn.LayerNorm(hidden)
-            self.qkv = nn.Linear(hidden, 3 * hidden)
+            self.qkv = SplitQKV(hidden) if split else nn.Linear(hidden, 3 * hidden)
             self.proj = nn.Linear(hidden, hidden)
             self.ln2 = nn.LayerNorm(hidden)
             self.fc = nn.Linear(hidden, 4 * hidden)
@@ -72,11 +83,11 @@ MODELS_SRC = textwrap.dedent('''
 
 
     class TinyLM(nn.Module):
-        def __init__(self, vocab, hidden, layers, heads, seq, custom=False):
+        def __init__(self, vocab, hidden, layers, heads, seq, custom=False, split=False):
             super().__init__()
             self.tok = nn.Embedding(vocab, hidden)
             self.pos = nn.Embedding(seq, hidden)
-            self.blocks = nn.ModuleList([Block(hidden, heads, custom) for _ in range(layers)])
+            self.blocks = nn.ModuleList([Block(hidden, heads, custom, split) for _ in range(layers)])
             self.ln = nn.LayerNorm(hidden)
             self.head = nn.Linear(hidden, vocab, bias=False)
 
@@ -88,8 +99,8 @@ MODELS_SRC = textwrap.dedent('''
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-    def _make(custom, hidden, layers, heads, seq, batch, vocab):
-        model = TinyLM(vocab, hidden, layers, heads, seq, custom)
+    def _make(custom, hidden, layers, heads, seq, batch, vocab, split=False):
+        model = TinyLM(vocab, hidden, layers, heads, seq, custom, split)
         idx = torch.randint(0, vocab, (batch, seq))
         return model, (idx, torch.roll(idx, -1, 1))
 
@@ -100,6 +111,10 @@ MODELS_SRC = textwrap.dedent('''
 
     def custom_factory(hidden=32, layers=1, heads=2, seq=16, batch=2, vocab=64):
         return _make(True, hidden, layers, heads, seq, batch, vocab)
+
+
+    def split_factory(hidden=32, layers=1, heads=2, seq=16, batch=2, vocab=64):
+        return _make(False, hidden, layers, heads, seq, batch, vocab, split=True)
 ''')
 
 MOD = "usfx_check_models"
@@ -150,10 +165,12 @@ def test_criteria_defaults_are_the_documented_ones():
     assert c.min_cosine == 0.9999
     assert (c.lo, c.hi) == (0.5, 2.0)
     assert 0 < c.loss_tolerance <= 0.05  # "within a few % of ln(vocab)"
+    assert c.zero_grad == 2.0 ** -16
 
 
 @pytest.mark.parametrize("bad", [dict(min_forward=1.5), dict(band=0.5), dict(outer=1.5), dict(min_cosine=2),
-                                 dict(loss_tolerance=-1), dict(min_grads="x"), dict(band=True)])
+                                 dict(loss_tolerance=-1), dict(min_grads="x"), dict(band=True),
+                                 dict(zero_grad=0.5)])
 def test_criteria_reject_bad_values(bad):
     with pytest.raises(ValueError):
         Criteria(**bad)
@@ -295,7 +312,22 @@ def test_non_strict_with_relaxed_coverage_judges_the_rest(models_dir):
     assert any(f.startswith(("forward", "backward", "grads", "initial loss")) for f in res.failures)
 
 
-def test_looser_criteria_change_the_verdict(report, models_dir):
+def test_structurally_zero_gradients_are_reported_not_judged(models_dir):
+    """A key projection's bias gets no gradient (softmax is invariant to it): rounding noise, whose
+    RMS and direction mean nothing. It is listed, and judged only with zero_grad=0."""
+    res = check.check_model(f"{MOD}:split_factory", sizes=TINY)
+    assert res.passed, res.explanation()
+    assert res.zero_grads == ["blocks.0.qkv.k.bias"]
+    import importlib
+
+    model, _ = importlib.import_module(MOD).split_factory()
+    assert res.counts["grads"] == len(list(model.parameters())) - 1  # one not judged
+    res0 = check.check_model(f"{MOD}:split_factory", sizes=TINY, criteria=Criteria(zero_grad=0))
+    assert not res0.passed and res0.zero_grads == []
+    assert "blocks.0.qkv.k.bias" in res0.explanation()
+
+
+def test_stricter_criteria_change_the_verdict(report, models_dir):
     strict_band = check.check_model(GOOD, sizes=TINY, criteria=Criteria(band=1.05, outer=8.0))
     assert not strict_band.passed
     assert any("have RMS in [1/1.05, 1.05]" in f for f in strict_band.failures)
@@ -308,7 +340,7 @@ def test_looser_criteria_change_the_verdict(report, models_dir):
 MODEL_KEYS = {
     "name", "passed", "skipped", "strict", "coverage", "n_ops", "missing_ops", "unanalysed_ops",
     "forward_in_band", "backward_in_band", "grads_in_band", "counts", "outside_outer", "min_cosine",
-    "min_cosine_param", "low_cosine_params", "loss", "expected_loss", "loss_terms", "reference_loss",
+    "min_cosine_param", "low_cosine_params", "zero_grads", "loss", "expected_loss", "loss_terms", "reference_loss",
     "nonfinite", "worst_edge", "worst_edges", "failures", "error", "explanation", "warnings", "sizes",
     "seconds", "timings",
 }

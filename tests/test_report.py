@@ -403,11 +403,14 @@ def test_eval_expr():
         assert eval_expr(e, env) == pytest.approx(float(e.subs(n, 7).evalf()), rel=1e-10), e
     assert eval_expr(sympy.Symbol("unknown")) is None
     assert eval_expr(None) is None
-    # a shared DAG whose printed tree is 2**60 nodes: evaluated in linear time
+    # a shared DAG whose printed tree is 2**60 nodes: evaluated and printed in linear time (built
+    # unevaluated: sympy's own simplification of such a DAG is exponential)
     e = n
     for _ in range(60):
-        e = sympy.sqrt(e * e + e) / (e + 1)
-    assert eval_expr(e, env) is not None
+        num = sympy.Pow(sympy.Add(sympy.Mul(e, e, evaluate=False), e, evaluate=False), sympy.Rational(1, 2),
+                        evaluate=False)
+        e = sympy.Mul(num, sympy.Pow(sympy.Add(e, 1, evaluate=False), -1, evaluate=False), evaluate=False)
+    assert eval_expr(e, env) == pytest.approx((math.sqrt(5) - 1) / 2, rel=1e-9)  # the fixed point
     assert len(format_expr(e, max_nodes=50)) < 400
 
 

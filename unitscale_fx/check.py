@@ -1,18 +1,24 @@
 """Check that models are unit-scaled after the transform: one training step each, judged against criteria.
 
 ``unitscale-fx check`` (or ``python -m unitscale_fx.check``) runs, for every model it is given
-(a zoo name or a ``package.module:factory`` spec):
+(a zoo name or a ``package.module:factory`` spec), in a fresh copy built with a fixed seed:
 
 1. capture + analysis of the original model (:func:`unitscale_fx.analyse`): which ops have no
-   scale rule (node, op, user source line) and the *coverage* (fraction of ops with a rule);
-2. the transform (:func:`unitscale_fx.transform`, ``compile=False``; ``strict`` as asked);
-3. one training step of the transformed model under the scale probe
-   (:class:`unitscale_fx.probe.ScaleProbe`): the RMS of every forward and backward GEMM
-   multiplicand and of every parameter gradient;
-4. the *exact* gradient of the transformed forward: a deep copy of the original model is given the
-   transformed model's weights and transformed again with ``scale_backward=False, init="keep"``;
-   the same batch runs with the same RNG seed (same dropout masks) and every parameter's gradient
-   is compared with the unit-scaled one by cosine similarity;
+   scale rule (node, op, user source line; ops downstream of them apart) and the *coverage*;
+2. the transform (:func:`unitscale_fx.transform` with ``Config(compile=False)``, ``strict`` as
+   asked). Eager on purpose: the scale probe is a dispatch mode and must see every aten op of the
+   forward and the backward pass, which compiled kernels hide;
+3. one training step of the transformed graph under the scale probe
+   (:func:`unitscale_fx.probe.measure_step`): the RMS of every forward and backward GEMM
+   multiplicand and of every parameter gradient. Each op of the graph runs inside a small module
+   (:func:`_scoped_runner`) so that every measurement is attributed to the module path of the
+   original model and to the FX node that ran it; the cross-entropy losses of the graph are
+   tapped for the initial-loss check;
+4. gradient validity: a deep copy of the original model is transformed with
+   ``Config(compile=False, scale_backward=False)`` (the same graph without the backward-only
+   scales), given the checked model's parameters, and runs the same step with the same RNG seed
+   (same dropout masks); its loss must be the same and every parameter's gradient must point the
+   same way (cosine similarity);
 5. the verdict against :class:`Criteria` (see its docstring and ``docs/check.md``).
 
 Python API: :func:`check_model` -> :class:`ModelCheck`, :func:`check_models` -> :class:`CheckReport`.
@@ -99,9 +105,16 @@ class Criteria:
         min_cosine: gradient validity: the cosine similarity between each parameter's unit-scaled
             gradient and the exact gradient of the transformed forward must be at least this.
             Default ``0.9999``.
-        loss_tolerance: initial loss sanity for language models (output logits whose last
-            dimension equals the vocabulary size): ``|loss / ln(vocab) - 1| <= loss_tolerance``.
-            Default ``0.02``. Every model's loss must be finite.
+        loss_tolerance: initial loss sanity: every cross-entropy-type loss of the graph (mean
+            reduction) satisfies ``|loss / ln(classes) - 1| <= loss_tolerance``; without one, a
+            model whose output has logits over the vocabulary is judged on the loss it returns
+            against ``ln(vocab)``. Default ``0.02``.
+        zero_grad: a parameter gradient whose unit-scaled RMS is below this is *structurally zero*
+            (the loss does not depend on the parameter, e.g. attention key biases, to which softmax
+            is invariant: what is measured is rounding noise). Such gradients are listed in
+            ``zero_grads`` and left out of ``min_grads``, ``outer`` and ``min_cosine``; unit
+            scaling aims every gradient at RMS 1, 16 binades above the default ``2**-16``.
+            ``0`` judges every gradient.
 
     In every case the loss and all gradients must be finite (no NaN/Inf).
     """
@@ -114,6 +127,7 @@ class Criteria:
     outer: float = 8.0
     min_cosine: float = 0.9999
     loss_tolerance: float = 0.02
+    zero_grad: float = 2.0 ** -16
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -132,6 +146,8 @@ class Criteria:
             raise ValueError(f"Criteria.outer ({self.outer!r}) must be >= Criteria.band ({self.band!r})")
         if self.loss_tolerance < 0:
             raise ValueError(f"Criteria.loss_tolerance must be >= 0, got {self.loss_tolerance!r}")
+        if not 0.0 <= self.zero_grad < 1.0 / self.outer:
+            raise ValueError(f"Criteria.zero_grad must be in [0, 1/outer), got {self.zero_grad!r}")
 
     @property
     def lo(self) -> float:
@@ -258,6 +274,8 @@ class ModelCheck:
         counts: number of measured entries per group (forward, backward, grads).
         outside_outer: number of entries outside ``[1/outer, outer]`` per group.
         min_cosine / min_cosine_param: the smallest gradient cosine similarity and its parameter.
+        zero_grads: parameters whose gradient is structurally zero (see ``Criteria.zero_grad``),
+            not judged.
         loss: the measured initial loss (what the model returns).
         loss_terms: the cross-entropy-type losses found in the graph, each ``{"node", "op",
             "classes", "value", "expected"}`` with ``expected = ln(classes)``.
@@ -286,6 +304,7 @@ class ModelCheck:
     min_cosine: float | None = None
     min_cosine_param: str | None = None
     low_cosine_params: list[tuple[str, float]] = field(default_factory=list)
+    zero_grads: list[str] = field(default_factory=list)
     loss: float | None = None
     expected_loss: float | None = None
     loss_terms: list[dict[str, Any]] = field(default_factory=list)
@@ -336,6 +355,9 @@ class ModelCheck:
             lines.append("  gradients not parallel to the exact gradient (cosine):")
             for n, c in self.low_cosine_params[:5]:
                 lines.append(f"    - {n}: {c:.6f}")
+        if self.zero_grads:
+            shown = ", ".join(self.zero_grads[:5]) + (" ..." if len(self.zero_grads) > 5 else "")
+            lines.append(f"  structurally zero gradients, not judged ({len(self.zero_grads)}): {shown}")
         if self.error:
             lines.append("  error:")
             lines += ["    " + ln for ln in self.error.rstrip().splitlines()]
@@ -365,6 +387,7 @@ class ModelCheck:
             "min_cosine": _json_float(self.min_cosine),
             "min_cosine_param": self.min_cosine_param,
             "low_cosine_params": [[n, _json_float(c)] for n, c in self.low_cosine_params],
+            "zero_grads": list(self.zero_grads),
             "loss": _json_float(self.loss),
             "expected_loss": _json_float(self.expected_loss),
             "loss_terms": [{k: (_json_float(v) if isinstance(v, float) else v) for k, v in t.items()}
@@ -698,11 +721,16 @@ def _scope_class() -> type:
             self.fn = fn
             self.tap = tap
             self.value: Any = None
+            self.inputs: Any = None
 
         def forward(self, *args: Any, **kwargs: Any) -> Any:
             out = self.fn(*args, **kwargs)
-            if self.tap and isinstance(out, torch.Tensor):
-                self.value = out.detach()
+            if self.tap:
+                first = out[0] if isinstance(out, (tuple, list)) and out else out
+                if isinstance(first, torch.Tensor):
+                    self.value = first.detach()
+                    det = lambda a: a.detach() if isinstance(a, torch.Tensor) else a  # noqa: E731
+                    self.inputs = (tuple(det(a) for a in args), {k: det(v) for k, v in kwargs.items()})
             return out
 
     return _NodeScope
@@ -739,18 +767,54 @@ def _loss_classes(node: Any) -> int | None:
         return None
 
 
-def _scoped_runner(gm: Any) -> tuple[Any, dict[str, tuple[str, str]], dict[str, tuple[str, str, int]]]:
+def _loss_spread(fn: Any, inputs: Any) -> tuple[float, int] | None:
+    """``(standard error of the mean, number of terms)`` of a mean-reduced loss op, recomputed
+    per element (``reduction="none"``, ignored targets left out); ``None`` when it cannot be."""
+    import torch
+
+    if inputs is None:
+        return None
+    args, kwargs = list(inputs[0]), dict(inputs[1])
+    names = [a.name for a in fn._schema.arguments]
+    if "reduction" not in names:
+        return None
+    i = names.index("reduction")
+    if i < len(args):
+        args[i] = 0
+    else:
+        kwargs["reduction"] = 0
+    try:
+        with torch.no_grad():
+            per = fn(*args, **kwargs)
+        per = per[0] if isinstance(per, (tuple, list)) else per
+        per = per.detach().double().flatten()
+        target = args[1] if len(args) > 1 else kwargs.get("target")
+        if "ignore_index" in names and isinstance(target, torch.Tensor) and not target.is_floating_point():
+            j = names.index("ignore_index")
+            ignore = args[j] if j < len(args) else kwargs.get("ignore_index", -100)
+            keep = (target.flatten() != ignore)
+            if keep.numel() == per.numel():
+                per = per[keep]
+    except Exception:  # noqa: BLE001 - best effort
+        return None
+    n = per.numel()
+    if n < 2:
+        return None
+    return float(per.std() / math.sqrt(n)), int(n)
+
+
+def _scoped_runner(gm: Any) -> tuple[Any, dict[str, tuple[str, str, str]], dict[str, tuple[str, str, int]]]:
     """A copy of the transformed graph module in which every op runs inside its own small module.
 
-    Returns ``(runner, owners, taps)``: ``owners`` maps a scope's module name (as the probe reports
-    it) to ``(module path, module class)`` of the original model, and ``taps`` maps the scope name
-    of every cross-entropy-type node to ``(node name, op, classes)``; the runner records the value of
-    those nodes (``runner.get_submodule(scope).value``). The runner shares parameters, buffers and
-    submodules with ``gm`` and computes exactly the same ops in the same order.
+    Returns ``(runner, owners, taps)``: ``owners`` maps a scope's module name (as the probe
+    reports it) to ``(module path, module class, FX node name)`` of the original model, and
+    ``taps`` maps the scope name of every cross-entropy-type node to ``(node name, op, classes)``;
+    the runner records the value of those nodes (``runner.get_submodule(scope).value``). The
+    runner shares parameters, buffers and submodules with ``gm`` and computes exactly the same ops
+    in the same order.
     """
     import operator
 
-    import torch
     import torch.fx as fx
 
     Scope = _scope_class()
@@ -759,13 +823,14 @@ def _scoped_runner(gm: Any) -> tuple[Any, dict[str, tuple[str, str]], dict[str, 
     out = graph.graph_copy(gm.graph, env)
     graph.output(out)
     graph._codegen = gm.graph._codegen
-    root = torch.nn.Module()
-    root._modules = dict(gm._modules)
-    root._parameters = gm._parameters
-    root._buffers = gm._buffers
-    scopes = torch.nn.Module()
-    root._modules[_SCOPES] = scopes
-    owners: dict[str, tuple[str, str]] = {}
+    root: dict[str, Any] = {}  # every attribute the graph reads, the very objects of gm
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            obj: Any = gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            root[str(node.target)] = obj
+    owners: dict[str, tuple[str, str, str]] = {}
     taps: dict[str, tuple[str, str, int]] = {}
     owner_of: dict[Any, tuple[str, str]] = {}
     skip = {operator.getitem}
@@ -778,10 +843,10 @@ def _scoped_runner(gm: Any) -> tuple[Any, dict[str, tuple[str, str]], dict[str, 
         if node.op != "call_function" or node.target in skip:
             continue
         classes = _loss_classes(node)
-        key = node.name
-        scopes.add_module(key, Scope(node.target, tap=classes is not None))
+        key = f"n_{node.name}"  # never an nn.Module attribute ("to", "train"...)
         name = f"{_SCOPES}.{key}"
-        owners[name] = own or ("", "")
+        root[name] = Scope(node.target, tap=classes is not None)
+        owners[name] = (*(own or ("", "")), node.name)
         if classes is not None:
             taps[name] = (node.name, str(node.target), classes)
         with graph.inserting_before(node):
@@ -808,14 +873,13 @@ def _distinct(edges: Sequence[Edge], n: int) -> list[Edge]:
     return out
 
 
-def _edges(result: Any, owners: Mapping[str, tuple[str, str]], param_owner: Callable[[str], str]) -> list[Edge]:
+def _edges(result: Any, owners: Mapping[str, tuple[str, str, str]], param_owner: Callable[[str], str]) -> list[Edge]:
     edges = []
     for r in list(result.forward) + list(result.backward):
         node = None
         module, mtype = r.module, r.module_type
         if module and module.startswith(_SCOPES + "."):
-            node = module[len(_SCOPES) + 1:]
-            module, mtype = owners.get(module, (None, None))
+            module, mtype, node = owners.get(module, (None, None, None))
         elif module is not None and module.startswith(_SCOPES):
             module, mtype = None, None
         if module is None and r.param:
@@ -955,8 +1019,9 @@ def check_model(
             with _deadline(timeout):
                 _check_into(mc, name_or_factory, criteria, sz, strict, loss_fn, skip_unavailable)
         except _Timeout:
-            mc.error = f"timed out after {timeout:g} s (the check was abandoned; figures above are partial)"
-            mc.failures.append(f"timeout: the check did not finish within {timeout:g} s")
+            stage = next((s for s in _STAGES if s not in mc.timings), "?")
+            mc.error = f"timed out after {timeout:g} s during stage {stage!r} (the check was abandoned)"
+            mc.failures.append(f"timeout: the check did not finish within {timeout:g} s (stage {stage!r})")
         except _Skip as e:
             mc.skipped = True
             mc.error = str(e)
@@ -972,6 +1037,9 @@ def check_model(
     mc.seconds = time.perf_counter() - t0
     mc.passed = not mc.skipped and not mc.failures and mc.error is None
     return mc
+
+
+_STAGES = ("build", "analyse", "transform", "probe", "reference")
 
 
 class _Skip(Exception):
@@ -1117,6 +1185,11 @@ def _check_built(mc: ModelCheck, spec: Any, c: Criteria, sz: dict[str, Any], str
         result = measure_step(runner, inputs, loss_fn=probe_loss)
     mc.loss = float(holder["loss"].detach())
     output = holder.pop("output")
+    mc.zero_grads = [n for n, v in result.param_grads if math.isfinite(v) and v < c.zero_grad]
+    if mc.zero_grads:
+        zero = set(mc.zero_grads)
+        result = type(result)(forward=result.forward, backward=result.backward,
+                              param_grads=[(n, v) for n, v in result.param_grads if n not in zero])
     summ = result.summary(c.lo, c.hi, 1.0 / c.outer, c.outer)
     mc.forward_in_band = summ["forward"]["fraction_in_band"]
     mc.backward_in_band = summ["backward"]["fraction_in_band"]
@@ -1174,7 +1247,7 @@ def _check_built(mc: ModelCheck, spec: Any, c: Criteria, sz: dict[str, Any], str
                            f"gives loss {mc.reference_loss:.6f}, not {mc.loss:.6f}: the forward pass depends "
                            "on scale_backward")
     cos: list[tuple[str, float]] = []
-    for n in sorted(set(grads) | set(ref_grads)):
+    for n in sorted((set(grads) | set(ref_grads)) - set(mc.zero_grads)):
         cos.append((n, _cosine(grads[n], ref_grads[n]) if n in grads and n in ref_grads else math.nan))
     if not cos:
         mc.failures.append("gradient validity: no parameter has a gradient")
@@ -1199,34 +1272,40 @@ def _same_loss(a: float, b: float) -> bool:
 def _judge_loss(mc: ModelCheck, c: Criteria, runner: Any, taps: Mapping[str, tuple[str, str, int]],
                 built: _Built, sz: dict[str, Any], output: Any) -> None:
     """Initial-loss sanity: every cross-entropy-type loss of the graph (mean reduction) within
-    ``loss_tolerance`` of ``ln(classes)``; with none in the graph, a model whose output has logits
+    ``loss_tolerance * ln(classes)`` of ``ln(classes)``, plus three standard errors of its mean
+    (the spread of the per-example losses: a batch of 4 images is a noisy estimate, 256 tokens are
+    not); with none in the graph, a model whose output has logits
     over the vocabulary is judged on the loss it returns, against ``ln(vocab)``."""
     terms = []
     for scope, (node, op, classes) in taps.items():
-        value = runner.get_submodule(scope).value
+        mod = runner.get_submodule(scope)
+        value = mod.value
         if value is None or value.numel() != 1 or classes < 2:
             continue
+        spread = _loss_spread(mod.fn, mod.inputs)
+        mod.inputs = mod.value = None
         terms.append({"node": node, "op": op, "classes": int(classes), "value": float(value),
-                      "expected": math.log(classes)})
+                      "expected": math.log(classes), "stderr": spread[0] if spread else 0.0,
+                      "count": spread[1] if spread else None})
     if not terms:
         vocab = _vocab_of(built, sz)
         logits = _find_logits(output)
         if vocab and vocab > 1 and logits is not None and logits.shape[-1] == vocab and mc.loss is not None:
             terms.append({"node": None, "op": "loss", "classes": int(vocab), "value": mc.loss,
-                          "expected": math.log(vocab)})
+                          "expected": math.log(vocab), "stderr": 0.0, "count": None})
     mc.loss_terms = terms
     if not terms:
         return
     mc.expected_loss = terms[0]["expected"]
     for t in terms:
-        v, e = t["value"], t["expected"]
+        v, e, se = t["value"], t["expected"], t["stderr"]
         if not math.isfinite(v):
             continue  # reported as non-finite
-        ratio = v / e
-        if abs(ratio - 1.0) > c.loss_tolerance:
+        if abs(v - e) > c.loss_tolerance * e + 3.0 * se:
             where = f"{t['op']} (node {t['node']})" if t["node"] else "the loss"
-            mc.failures.append(f"initial loss: {where} is {v:.4f} = {ratio:.3f} x ln({t['classes']}) = {e:.4f} "
-                               f"(need within +-{100 * c.loss_tolerance:g}%)")
+            noise = f" + 3 x {se:.3g} (standard error over {t['count']} terms)" if se else ""
+            mc.failures.append(f"initial loss: {where} is {v:.4f} = {v / e:.3f} x ln({t['classes']}) = {e:.4f} "
+                               f"(need within +-{100 * c.loss_tolerance:g}%{noise})")
 
 
 def _coverage_failure(mc: ModelCheck, c: Criteria, force: bool = False) -> str | None:
@@ -1277,9 +1356,10 @@ def check_models(
 ) -> CheckReport:
     """Check every model of ``models`` (see :func:`check_model`); results in the given order.
 
-    ``workers > 1`` runs the models in that many processes (``ProcessPoolExecutor``, ``spawn``; each
-    process checks one model then exits, so models cannot disturb each other); factories given as
-    callables must then be picklable (module-level functions). ``skip_unavailable`` (one flag, or
+    ``workers > 1`` runs the models in that many processes (``ProcessPoolExecutor``, ``spawn``,
+    ``cpu_count // workers`` torch threads each; a process checks one model after the other, as
+    the sequential run does, and keeps its warm caches); factories given as callables must then be
+    picklable (module-level functions). ``skip_unavailable`` (one flag, or
     one per model) marks zoo models whose optional dependency is missing as skipped instead of
     failed. ``callback(event, name, result)`` is called with ``("start", name, None)`` and
     ``("done", name, ModelCheck)``.
@@ -1308,8 +1388,7 @@ def check_models(
         mod = importlib.import_module("unitscale_fx.check")  # not __main__ under python -m
         threads = max(1, (os.cpu_count() or 1) // workers)
         with cf.ProcessPoolExecutor(max_workers=min(workers, len(models)), mp_context=mp.get_context("spawn"),
-                                    initializer=_worker_init, initargs=(threads,),
-                                    max_tasks_per_child=1) as pool:
+                                    initializer=_worker_init, initargs=(threads,)) as pool:
             futs = {}
             for i, m in enumerate(models):
                 futs[pool.submit(mod.check_model, m, criteria=criteria, sizes=sz, strict=strict, timeout=timeout,
@@ -1410,7 +1489,8 @@ _CRITERIA_FLAGS = (
     ("--min-grads", "min_grads", "min fraction of parameter gradients in band (default 0.90)"),
     ("--outer", "outer", "nothing may be outside [1/OUTER, OUTER] (default 8)"),
     ("--min-cosine", "min_cosine", "min cosine similarity with the exact gradient (default 0.9999)"),
-    ("--loss-tolerance", "loss_tolerance", "max |loss/ln(vocab) - 1| for language models (default 0.02)"),
+    ("--loss-tolerance", "loss_tolerance", "max |loss/ln(classes) - 1| of cross-entropy losses (default 0.02)"),
+    ("--zero-grad", "zero_grad", "gradients with RMS below this are structurally zero, not judged (default 2**-16)"),
 )
 
 
@@ -1439,11 +1519,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="device to build and run the models on (default cpu)")
     cg = parser.add_argument_group("criteria (override [tool.unitscale_fx] in pyproject.toml)")
     for flag, dest, help_ in _CRITERIA_FLAGS:
-        cg.add_argument(flag, dest=f"crit_{dest}", type=float, default=None, help=help_)
+        cg.add_argument(flag, dest=f"crit_{dest}", type=float, default=None, metavar="X", help=help_)
     parser.add_argument("--config", metavar="PATH", default=None,
                         help="pyproject.toml to read (default: the nearest one from the current directory up)")
     parser.add_argument("--no-config", action="store_true", help="ignore pyproject.toml")
-    parser.add_argument("--quiet", "-q", action="store_true", help="print only the table")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress output on stderr")
     return parser
 
 

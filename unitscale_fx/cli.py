@@ -51,6 +51,7 @@ def _add_inspect(sub: Any) -> None:
     p.add_argument("--text", metavar="FILE", help="write the plain-text dump to FILE")
     p.add_argument("--plot", metavar="FILE.png",
                    help="plot log2 scale along the graph, original vs transformed (needs matplotlib)")
+    p.add_argument("--source", action="store_true", help="show the user's source line under every op")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary, not every node")
     g = p.add_argument_group("model sizes (zoo models, and factories that accept them)")
     for size in _SIZES:
@@ -124,6 +125,15 @@ def _err(msg: str) -> None:
     print(f"unitscale-fx: error: {msg}", file=sys.stderr)
 
 
+def _cwd_on_path() -> None:
+    """``module:factory`` specs resolve against the working directory, as with ``python -m``."""
+    import os
+
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     if getattr(args, "check_run", None) is None:
         why = args.check_error or "not loaded"
@@ -152,10 +162,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     sizes = {k: getattr(args, k) for k in _SIZES if getattr(args, k) is not None}
     t0 = time.perf_counter()
+    if ":" in args.model:
+        _cwd_on_path()
     try:
         name, model, inputs = zoo.resolve(args.model, **sizes)
-    except zoo.UnknownModelError as e:
-        _err(str(e.args[0]) if e.args else str(e))
+    except zoo.UnknownModelError:
+        import difflib
+
+        close = difflib.get_close_matches(args.model, zoo.names(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        _err(f"unknown model {args.model!r}: not a zoo name (list them with 'unitscale-fx models') nor a "
+             f"'package.module:factory' spec.{hint}")
         return 2
     except (ImportError, ValueError, TypeError) as e:
         _err(f"cannot build {args.model!r}: {e}")
@@ -182,13 +199,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         text = shown.to_text()
         print(text[text.index("\nsummary\n") + 1:] if "\nsummary\n" in text else text, end="")
     else:
-        print_report(shown)
+        print_report(shown, source=args.source)
     if args.json:
         shown.to_json(args.json)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.text:
         with open(args.text, "w", encoding="utf-8") as f:
-            f.write(shown.to_text())
+            f.write(shown.to_text(source=args.source))
         print(f"wrote {args.text}", file=sys.stderr)
     if args.plot:
         try:

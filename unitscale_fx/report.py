@@ -28,7 +28,7 @@ from .analysis.record import META_KEY, ScaleRecord, Stat
 
 __all__ = [
     "SCHEMA", "FORMATS", "Report", "NodeReport", "StatEntry", "FactorEntry", "build_report",
-    "print_report", "format_expr", "eval_expr", "band_of",
+    "print_report", "format_expr", "eval_expr", "band_of", "percentile", "validate",
 ]
 
 #: Version tag of the JSON layout; bumped on any incompatible change.
@@ -500,6 +500,19 @@ def band_of(sigma: float | None) -> str | None:
 # ============================================================================================
 
 
+_CONSTANTS = {"pi", "E", "oo", "zoo", "nan", "inf", "I", "EulerGamma"}
+
+
+def _has_symbol(expr: str | None) -> bool:
+    """Whether a printed expression names a symbol (an identifier that is not a function call)."""
+    if not expr:
+        return False
+    for m in re.finditer(r"(?<![0-9.A-Za-z_])([A-Za-z_][A-Za-z_0-9]*)(\s*\()?", expr):
+        if not m.group(2) and m.group(1) not in _CONSTANTS:
+            return True
+    return False
+
+
 @dataclass
 class StatEntry:
     """One direction (value or gradient) of one edge."""
@@ -520,7 +533,8 @@ class StatEntry:
     def from_dict(cls, d: Mapping[str, Any] | None) -> "StatEntry | None":
         if d is None:
             return None
-        return cls(d.get("expr"), _unjf(d.get("predicted")), _unjf(d.get("measured")))
+        expr = d.get("expr")
+        return cls(expr, _unjf(d.get("predicted")), _unjf(d.get("measured")), _has_symbol(expr))
 
 
 @dataclass
@@ -705,28 +719,63 @@ class Report:
             out["in_band"][d] = entry
             out["max_abs_log2"][d] = mx
         if self.measured:
-            errs = []
-            for n in acts:
-                for d in _DIRS:
-                    st = getattr(n, d)
-                    if st and st.predicted and st.measured and st.predicted > 0 and st.measured > 0 \
-                            and math.isfinite(st.predicted) and math.isfinite(st.measured):
-                        errs.append(abs(math.log2(st.measured / st.predicted)))
-            out["prediction_error"] = {
-                "edges": len(errs),
-                "median_abs_log2": _jf(sorted(errs)[len(errs) // 2]) if errs else None,
-                "max_abs_log2": _jf(max(errs)) if errs else None,
-            }
-            worst_fmt: dict[str, dict[str, float]] = {}
+            pe = self.prediction_errors()
+            allv = [v for d in _DIRS for _, v in pe[d]["errors"]]
+            out["prediction_error"] = {**_error_stats(allv), **{d: {**_error_stats([v for _, v in pe[d]["errors"]]),
+                                                                    "unpredicted": len(pe[d]["unpredicted"])}
+                                                                for d in _DIRS}}
+            worst_fmt: dict[str, dict[str, Any]] = {}
             for fmt in FORMATS:
-                u = o = 0.0
+                w: dict[str, Any] = {"underflow": 0.0, "overflow": 0.0, "underflow_edge": None, "overflow_edge": None}
                 for n in self.nodes:
                     for d in _DIRS:
                         h = ((n.headroom or {}).get(d) or {}).get(fmt)
-                        if h:
-                            u, o = max(u, h["underflow"]), max(o, h["overflow"])
-                worst_fmt[fmt] = {"underflow": u, "overflow": o}
+                        for k in ("underflow", "overflow") if h else ():
+                            if h[k] > w[k]:
+                                w[k], w[f"{k}_edge"] = h[k], f"{n.name}.{d}"
+                worst_fmt[fmt] = w
             out["headroom"] = worst_fmt
+        return out
+
+    def prediction_errors(self, kinds: Iterable[str] = ("activation",)) -> dict[str, dict[str, list]]:
+        """How far the predictions are from the measurements, per direction.
+
+        Returns ``{"fwd"|"bwd": {"errors": [(edge, |log2(measured / predicted)|)], "unpredicted":
+        [edge]}}`` over the floating edges of these kinds (the outputs of multi-output nodes are
+        edges ``name[i]``). An edge counts when it was measured with a finite RMS; predicted and
+        measured both zero is skipped (exact, e.g. a zero bias), exactly one of them zero is an
+        infinite error; no (or a non-numeric) prediction is ``unpredicted``.
+        """
+        ks = set(kinds)
+        out: dict[str, dict[str, list]] = {d: {"errors": [], "unpredicted": []} for d in _DIRS}
+
+        def add(name: str, d: str, pred: float | None, meas: float | None) -> None:
+            if meas is None or not math.isfinite(meas):
+                return
+            if pred is None or not math.isfinite(pred):
+                out[d]["unpredicted"].append(name)
+                return
+            if pred == 0 and meas == 0:
+                return
+            if pred <= 0 or meas <= 0:
+                out[d]["errors"].append((name, math.inf))
+                return
+            out[d]["errors"].append((name, abs(math.log2(meas / pred))))
+
+        for n in self.nodes:
+            if n.kind not in ks:
+                continue
+            if n.outputs is not None and n.fwd is None:
+                for i, o in enumerate(n.outputs):
+                    for d in _DIRS:
+                        st = StatEntry.from_dict(o.get(d))
+                        if st is not None:
+                            add(f"{n.name}[{i}]", d, st.predicted, st.measured)
+                continue
+            for d in _DIRS:
+                st = getattr(n, d)
+                if st is not None:
+                    add(n.name, d, st.predicted, st.measured)
         return out
 
     # ---------------------------------------------------------------------------- JSON
@@ -754,6 +803,7 @@ class Report:
         schema = d.get("schema")
         if schema != SCHEMA:
             raise ValueError(f"unsupported report schema {schema!r} (this version reads {SCHEMA!r})")
+        validate(d)
         return cls(model=d["model"], graph=d["graph"], symbols=dict(d.get("symbols") or {}),
                    nodes=[NodeReport.from_dict(n) for n in d["nodes"]], measured=bool(d.get("measured")))
 
@@ -766,14 +816,20 @@ class Report:
         return cls.from_dict(json.loads(s))
 
     # ---------------------------------------------------------------------------- text
-    def to_text(self, *, width: int = 0) -> str:
-        """Plain-text dump grouped under module paths (deterministic: golden-testable)."""
+    def to_text(self, *, source: bool = False, headroom: bool = True) -> str:
+        """Plain-text dump grouped under module paths (deterministic: golden-testable).
+
+        Args:
+            source: add the user's source line under every op.
+            headroom: on a measured report, add a line under each node with the fraction of its value
+                (fwd) and gradient (bwd) that FP8 E4M3 / E5M2, FP16, BF16 would flush to zero (↓) or
+                overflow (↑); formats that lose nothing are left out.
+        """
         lines = [f"unitscale_fx report: {self.model} ({self.graph} graph"
                  + (", measured)" if self.measured else ", predicted)")]
         if self.symbols:
             lines.append("symbols: " + ", ".join(f"{k}={v}" for k, v in self.symbols.items()))
-        lines.append("σ = predicted RMS" + (" [measured RMS]" if self.measured else "")
-                     + "; bwd = gradient at the node's output; (× f) = scale factor applied by the transform")
+        lines += _legend(self)
         leaves = [n for n in self.nodes if n.kind in ("input", "parameter")]
         if leaves:
             lines.append("")
@@ -782,6 +838,9 @@ class Report:
             for n in leaves:
                 lines.append(("  " + n.name.ljust(namew) + "  " + _shape_str(n.shape).ljust(16)
                               + "  " + _stats_text(n, self.measured)).rstrip())
+                h = _headroom_text(n) if headroom and self.measured else ""
+                if h:
+                    lines.append("  " + " " * namew + "  lost " + h)
         lines.append("")
         lines.append("graph")
         open_stack: list[str] = []
@@ -805,6 +864,12 @@ class Report:
                 lines.append(f"{ind}  !! no scale rule for {n.op}{why}")
                 if n.source:
                     lines.append(f"{ind}     at {n.source}")
+            elif source and n.source:
+                lines.append(f"{ind}  at {n.source}")
+            if headroom and self.measured:
+                h = _headroom_text(n)
+                if h:
+                    lines.append(f"{ind}  lost {h}")
         lines.append("")
         lines += _summary_text(self)
         return "\n".join(lines) + "\n"
@@ -813,7 +878,7 @@ class Report:
         return self.to_text()
 
     # ---------------------------------------------------------------------------- rich
-    def to_rich(self, *, worst: int = 10):
+    def to_rich(self, *, worst: int = 10, source: bool = False):
         """A ``rich`` renderable: a tree by module, σ coloured by distance from 1
         (green within [1/2, 2], yellow within [1/8, 8], red outside), and a "worst edges" table."""
         from rich.console import Group
@@ -844,7 +909,10 @@ class Report:
             for depth in range(common, len(stack)):
                 parent = trees[-1][1] if trees else graph
                 trees.append((stack[depth], parent.add(Text(stack[depth], style="bold"))))
-            (trees[-1][1] if trees else graph).add(_rich_line(n, self.measured))
+            line = _rich_line(n, self.measured)
+            if source and n.source:
+                line.append(f"\n  at {n.source}", style="dim italic")
+            (trees[-1][1] if trees else graph).add(line)
         table = Table(title="worst edges (farthest from unit scale)", title_justify="left")
         for col, just in (("node", "left"), ("module", "left"), ("dir", "left"), ("predicted σ", "right"),
                           ("measured σ", "right"), ("|log2 σ|", "right")):
@@ -860,6 +928,139 @@ class Report:
             t.append(", ".join(f"{n.name} ({n.op})" for n in self.missing))
             parts.append(t)
         return Group(*parts)
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The ``q``-th percentile (0..100) of ``values``, linearly interpolated (numpy's default)."""
+    v = sorted(values)
+    if not v:
+        return None
+    k = (len(v) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    if lo == hi or v[hi] == v[lo]:
+        return v[lo]
+    if math.isinf(v[hi]):
+        return math.inf
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def _error_stats(errs: list[float]) -> dict[str, Any]:
+    return {
+        "edges": len(errs),
+        "median_abs_log2": _jf(percentile(errs, 50)),
+        "p90_abs_log2": _jf(percentile(errs, 90)),
+        "max_abs_log2": _jf(max(errs)) if errs else None,
+    }
+
+
+_NUMBER = (int, float)
+_NODE_FIELDS: dict[str, tuple[type, ...]] = {
+    "index": (int,), "name": (str,), "op": (str,), "kind": (str,), "module": (str,),
+    "shape": (list, type(None)), "dtype": (str, type(None)), "call": (str,), "fwd": (dict, type(None)),
+    "bwd": (dict, type(None)), "factors": (dict,), "rule": (str, type(None)), "role": (str, type(None)),
+    "missing": (bool,), "note": (str,), "source": (str, type(None)), "headroom": (dict, type(None)),
+    "nonfinite": (dict, type(None)), "module_stack": (list,),
+}
+_KINDS = ("input", "parameter", "activation", "scale_value")
+
+
+def _is_num(v: Any, nullable: bool = True) -> bool:
+    if v is None:
+        return nullable
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, _NUMBER) or v in ("nan", "inf", "-inf")
+
+
+def validate(d: Mapping[str, Any]) -> None:
+    """Check that ``d`` (a parsed report JSON) follows :data:`SCHEMA`; raise ``ValueError`` naming
+    the first offending field. The layout is documented in ``docs/report_schema.md``."""
+
+    def fail(where: str, why: str) -> None:
+        raise ValueError(f"report JSON, {where}: {why}")
+
+    if not isinstance(d, Mapping):
+        fail("top level", f"expected an object, got {type(d).__name__}")
+    if d.get("schema") != SCHEMA:
+        fail("schema", f"unsupported {d.get('schema')!r} (this version reads {SCHEMA!r})")
+    for key, t in (("model", str), ("graph", str), ("measured", bool), ("symbols", dict), ("nodes", list),
+                   ("summary", dict)):
+        if not isinstance(d.get(key), t):
+            fail(key, f"expected {t.__name__}, got {type(d.get(key)).__name__}")
+    if d["graph"] not in ("original", "transformed"):
+        fail("graph", f"{d['graph']!r} is neither 'original' nor 'transformed'")
+    for k, v in d["symbols"].items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            fail(f"symbols.{k}", "expected an integer")
+    names: set[str] = set()
+
+    def stat(where: str, st: Any) -> None:
+        if st is None:
+            return
+        if not isinstance(st, Mapping) or set(st) != {"expr", "predicted", "measured"}:
+            fail(where, 'expected {"expr", "predicted", "measured"}')
+        if not isinstance(st["expr"], (str, type(None))):
+            fail(f"{where}.expr", "expected a string or null")
+        for k in ("predicted", "measured"):
+            if not _is_num(st[k]):
+                fail(f"{where}.{k}", f"expected a number, 'nan', 'inf' or null, got {st[k]!r}")
+        if st["measured"] is not None and not d["measured"]:
+            fail(f"{where}.measured", "a measured value in a report with measured = false")
+
+    for i, n in enumerate(d["nodes"]):
+        where = f"nodes[{i}]"
+        if not isinstance(n, Mapping):
+            fail(where, "expected an object")
+        missing = set(_NODE_FIELDS) - set(n)
+        if missing:
+            fail(where, f"missing fields {sorted(missing)}")
+        extra = set(n) - set(_NODE_FIELDS) - {"outputs"}
+        if extra:
+            fail(where, f"unknown fields {sorted(extra)}")
+        where = f"nodes[{i}] ({n['name']})"
+        for k, t in _NODE_FIELDS.items():
+            if not isinstance(n[k], t) or (k == "index" and isinstance(n[k], bool)):
+                fail(f"{where}.{k}", f"expected {' or '.join(x.__name__ for x in t)}, got {type(n[k]).__name__}")
+        if n["index"] != i:
+            fail(f"{where}.index", f"expected {i}")
+        if n["name"] in names:
+            fail(f"{where}.name", "duplicate node name")
+        names.add(n["name"])
+        if n["kind"] not in _KINDS:
+            fail(f"{where}.kind", f"{n['kind']!r} is not one of {_KINDS}")
+        if n["shape"] is not None and not all(isinstance(x, str) for x in n["shape"]):
+            fail(f"{where}.shape", "expected a list of strings")
+        stat(f"{where}.fwd", n["fwd"])
+        stat(f"{where}.bwd", n["bwd"])
+        for k, f in n["factors"].items():
+            if k not in ("fwd", "bwd", "grad") or not isinstance(f, Mapping) or set(f) != {"expr", "value"}:
+                fail(f"{where}.factors.{k}", 'expected key fwd/bwd/grad with {"expr", "value"}')
+            if not isinstance(f["expr"], str) or not _is_num(f["value"]):
+                fail(f"{where}.factors.{k}", "expected a string expr and a numeric (or null) value")
+        if n["headroom"] is not None:
+            if not d["measured"]:
+                fail(f"{where}.headroom", "headroom in a report with measured = false")
+            for direction, fmts in n["headroom"].items():
+                if direction not in _DIRS or set(fmts) != set(FORMATS):
+                    fail(f"{where}.headroom.{direction}", f"expected fwd/bwd with formats {FORMATS}")
+                for fmt, h in fmts.items():
+                    if set(h) != {"underflow", "overflow"} or not all(
+                            _is_num(v, False) and 0.0 <= float(v) <= 1.0 for v in h.values()):
+                        fail(f"{where}.headroom.{direction}.{fmt}", "expected underflow/overflow fractions in [0, 1]")
+        for j, o in enumerate(n.get("outputs") or ()):
+            if not isinstance(o, Mapping) or set(o) != {"shape", "fwd", "bwd"}:
+                fail(f"{where}.outputs[{j}]", 'expected {"shape", "fwd", "bwd"}')
+            stat(f"{where}.outputs[{j}].fwd", o["fwd"])
+            stat(f"{where}.outputs[{j}].bwd", o["bwd"])
+    s = d["summary"]
+    for key in ("nodes", "edges", "missing", "inserted", "in_band", "max_abs_log2", "worst"):
+        if key not in s:
+            fail("summary", f"missing {key!r}")
+    if s["nodes"] != len(d["nodes"]):
+        fail("summary.nodes", "does not match the number of nodes")
+    for key in ("headroom", "prediction_error"):
+        if (key in s) != d["measured"]:
+            fail(f"summary.{key}", "present exactly when measured is true")
 
 
 def _abs_log2(v: float) -> float:
@@ -886,7 +1087,7 @@ def _stat_text(label: str, st: StatEntry | None, factor: FactorEntry | None, mea
     if st.predicted is None and st.expr is None:
         s = f"{label} σ = ?"
     elif st.symbolic and st.expr is not None and len(st.expr) <= _TEXT_EXPR_MAX and "…" not in st.expr:
-        s = f"{label} σ = {st.expr} = {_num(st.predicted)}" if st.predicted is not None else f"{label} σ = {st.expr}"
+        s = f"{label} σ = {st.expr} ≈ {_num(st.predicted)}" if st.predicted is not None else f"{label} σ = {st.expr}"
     else:
         s = f"{label} σ = {_num(st.predicted)}" if st.predicted is not None else f"{label} σ = ?"
     if measured:
@@ -900,7 +1101,7 @@ def _stat_text(label: str, st: StatEntry | None, factor: FactorEntry | None, mea
 def _factor_text(f: FactorEntry) -> str:
     if f.expr and len(f.expr) <= _TEXT_EXPR_MAX and "…" not in f.expr:
         if f.value is not None and _num(f.value) != f.expr and re.search(r"[A-Za-z]", f.expr):
-            return f"{f.expr} = {_num(f.value)}"
+            return f"{f.expr} ≈ {_num(f.value)}"
         return f.expr
     return _num(f.value) if f.value is not None else "?"
 
@@ -922,6 +1123,46 @@ def _stats_text(n: NodeReport, measured: bool) -> str:
     return "   ".join(parts)
 
 
+_FMT_SHORT = {"fp8_e4m3": "e4m3", "fp8_e5m2": "e5m2", "fp16": "fp16", "bf16": "bf16"}
+
+
+def _headroom_parts(n: NodeReport) -> list[tuple[str, list[tuple[str, float]]]]:
+    """``[(dir, [(label, fraction), ...]), ...]``: the non-zero losses of one node, per direction."""
+    out = []
+    for d in _DIRS:
+        h = (n.headroom or {}).get(d)
+        if not h:
+            continue
+        items = []
+        for fmt in FORMATS:
+            e = h.get(fmt) or {}
+            if e.get("underflow"):
+                items.append((f"{_FMT_SHORT[fmt]} ↓", e["underflow"]))
+            if e.get("overflow"):
+                items.append((f"{_FMT_SHORT[fmt]} ↑", e["overflow"]))
+        if items:
+            out.append((d, items))
+    return out
+
+
+def _headroom_text(n: NodeReport) -> str:
+    """``fwd: e4m3 ↓0.08%; bwd: e4m3 ↓12%, e5m2 ↓0.01%`` (empty when nothing is lost)."""
+    return "; ".join(f"{d}: " + ", ".join(f"{lab}{_pct(v)}" for lab, v in items)
+                     for d, items in _headroom_parts(n))
+
+
+def _legend(r: Report) -> list[str]:
+    lines = ["σ = predicted RMS" + (" [measured RMS]" if r.measured else "")
+             + " of the node's value (fwd) and of the gradient computed at its output (bwd)"]
+    if r.graph == "transformed" or any(n.factors for n in r.nodes):
+        lines.append("(× f) on fwd: scale the transform applies to the value; on bwd: computed gradient / true "
+                     "gradient; grad × f: what a grad_scale multiplies the gradient by")
+    if r.measured:
+        lines.append("lost: fraction of the value / gradient flushed to zero (↓) or overflowing (↑) in "
+                     "FP8 E4M3, FP8 E5M2, FP16, BF16")
+    return lines
+
+
 def _summary_text(r: Report) -> list[str]:
     s = r.summary()
     lines = ["summary"]
@@ -941,14 +1182,25 @@ def _summary_text(r: Report) -> list[str]:
         lines.append("  worst edges: " + ", ".join(f"{w['node']}.{w['dir']} σ={_num(_unjf(w['sigma']))}"
                                                 for w in s["worst"][:5]))
     if "prediction_error" in s and s["prediction_error"]["edges"]:
-        pe = s["prediction_error"]
-        lines.append(f"  |log2(measured/predicted)|: median {_num(_unjf(pe['median_abs_log2']), 2)}, "
-                     f"max {_num(_unjf(pe['max_abs_log2']), 2)} over {pe['edges']} edges")
+        lines.append("  |log2(measured / predicted)|:")
+        for d in _DIRS:
+            pe = s["prediction_error"][d]
+            if not pe["edges"] and not pe["unpredicted"]:
+                continue
+            unp = f", {pe['unpredicted']} not predicted" if pe["unpredicted"] else ""
+            lines.append(f"    {d}: median {_num(_unjf(pe['median_abs_log2']), 2)}, "
+                         f"p90 {_num(_unjf(pe['p90_abs_log2']), 2)}, max {_num(_unjf(pe['max_abs_log2']), 2)} "
+                         f"over {pe['edges']} edges{unp}")
     if "headroom" in s:
         hs = []
         for fmt, h in s["headroom"].items():
-            hs.append(f"{fmt} ↓{_pct(h['underflow'])} ↑{_pct(h['overflow'])}")
-        lines.append("  worst headroom (underflow ↓ / overflow ↑ of one tensor): " + ", ".join(hs))
+            parts = []
+            for k, arrow in (("underflow", "↓"), ("overflow", "↑")):
+                edge = f" ({h[k + '_edge']})" if h.get(k + "_edge") else ""
+                parts.append(f"{arrow}{_pct(h[k])}{edge}")
+            hs.append(f"    {fmt}: " + " ".join(parts))
+        lines.append("  worst loss of one tensor (flushed to zero ↓ / overflow ↑):")
+        lines += hs
     if s["missing"]:
         lines.append(f"  ops without a scale rule ({len(s['missing'])}): "
                      + ", ".join(f"{m['node']} ({m['op']})" for m in s["missing"]))
@@ -989,19 +1241,28 @@ def _rich_line(n: NodeReport, measured: bool):
         t.append(f"  grad × {_factor_text(n.factors['grad'])}", style="dim")
     if n.missing:
         t.append("  no scale rule", style="bold red")
+    if measured:
+        parts = _headroom_parts(n)
+        if parts:
+            t.append("  lost", style="dim")
+            for d, items in parts:
+                t.append(f" {d}:", style="dim")
+                for lab, v in items:
+                    t.append(f" {lab}{_pct(v)}", style="red" if v >= 0.1 else ("yellow" if v >= 0.01 else "dim"))
     return t
 
 
-def print_report(report: Report, file: Any = None) -> None:
-    """Print ``report``: a ``rich`` tree when ``file`` (default stdout) is a terminal, else plain text."""
+def print_report(report: Report, file: Any = None, *, source: bool = False) -> None:
+    """Print ``report``: a ``rich`` tree when ``file`` (default stdout) is a terminal, else plain text
+    (``source``: with the user's source line under every op)."""
     stream = file if file is not None else sys.stdout
     isatty = getattr(stream, "isatty", None)
     if isatty is not None and isatty():
         from rich.console import Console
 
-        Console(file=stream).print(report.to_rich())
+        Console(file=stream).print(report.to_rich(source=source))
         return
-    text = report.to_text()
+    text = report.to_text(source=source)
     try:
         stream.write(text)
     except UnicodeEncodeError:
@@ -1042,11 +1303,17 @@ def _op_name(node: fx.Node) -> str:
     return f"{mod.rsplit('.', 1)[-1]}.{name}" if mod else name
 
 
-def _arg_text(a: Any, depth: int = 0) -> str:
+def _arg_text(a: Any, depth: int = 0, sym: Any = None) -> str:
     if isinstance(a, fx.Node):
+        if sym is not None:  # a shape read (sym_size_int_3): shown as its symbol (seq)
+            v = a.meta.get("val")
+            if isinstance(v, torch.SymInt):
+                s = sym(v.node.expr)
+                if s:
+                    return s
         return a.name
     if isinstance(a, (list, tuple)):
-        inner = ", ".join(_arg_text(x, depth + 1) for x in a[:6]) + (", …" if len(a) > 6 else "")
+        inner = ", ".join(_arg_text(x, depth + 1, sym) for x in a[:6]) + (", …" if len(a) > 6 else "")
         return f"[{inner}]"
     if isinstance(a, float):
         return _num(a)
@@ -1060,11 +1327,11 @@ def _arg_text(a: Any, depth: int = 0) -> str:
     return s if len(s) <= 24 else s[:23] + "…"
 
 
-def _call_text(node: fx.Node, op: str) -> str:
+def _call_text(node: fx.Node, op: str, sym: Any = None) -> str:
     if node.op in ("placeholder", "get_attr"):
         return str(node.target)
-    args = [_arg_text(a) for a in node.args]
-    args += [f"{k}={_arg_text(v)}" for k, v in node.kwargs.items()]
+    args = [_arg_text(a, 0, sym) for a in node.args]
+    args += [f"{k}={_arg_text(v, 0, sym)}" for k, v in node.kwargs.items()]
     s = f"{op}({', '.join(args)})"
     return s if len(s) <= 96 else s[:95] + "…"
 
@@ -1106,22 +1373,26 @@ def _root_class(gm: fx.GraphModule) -> str | None:
     return None
 
 
-def _source(node: fx.Node) -> str | None:
-    try:
-        from .errors import source_line
+def _is_library_frame(path: str) -> bool:
+    p = path.replace("\\", "/")
+    if "/torch/" in p or p.startswith("<"):
+        return True
+    return "/unitscale_fx/" in p and "/unitscale_fx/zoo/" not in p  # the zoo's models are user code
 
-        src = source_line(node)
-    except Exception:  # noqa: BLE001
-        src = None
-    if not src:
+
+def _source(node: fx.Node) -> str | None:
+    """``file.py:LINE  code`` of the innermost frame of the model's own code that made ``node``."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
         return None
-    lines = [ln.strip() for ln in src.splitlines() if ln.strip()]
-    m = re.match(r'File "([^"]+)", line (\d+)', lines[0]) if lines else None
-    if m:
-        loc = f"{os.path.basename(m.group(1))}:{m.group(2)}"
-        code = lines[1] if len(lines) > 1 else ""
-        return f"{loc}  {code}".strip()
-    return " ".join(lines)
+    lines = [ln.strip() for ln in str(trace).strip().splitlines()]
+    frames = [(i, m) for i, ln in enumerate(lines) if (m := re.match(r'File "([^"]+)", line (\d+)', ln))]
+    if not frames:
+        return None
+    pick = next(((i, m) for i, m in reversed(frames) if not _is_library_frame(m.group(1))), frames[-1])
+    i, m = pick
+    code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith('File "') else ""
+    return f"{os.path.basename(m.group(1))}:{m.group(2)}  {code}".strip()
 
 
 class _Builder:
@@ -1263,7 +1534,7 @@ class _Builder:
         dtype = str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else None
         return NodeReport(
             index=index, name=node.name, op=op, kind=kind, module=stack[-1] if stack else "",
-            shape=self.shape(val), dtype=dtype, call=_call_text(node, op), fwd=fwd, bwd=bwd,
+            shape=self.shape(val), dtype=dtype, call=_call_text(node, op, lambda e: self.expr(e, 20)), fwd=fwd, bwd=bwd,
             factors=factors, rule=rec.rule, role=rec.role, missing=bool(rec.missing), note=rec.note or "",
             source=_source(node) if node.op == "call_function" else None,
             headroom=headroom or None, nonfinite=nonfinite, outputs=outputs, module_stack=list(stack),

@@ -58,17 +58,26 @@ class EdgeMeasurement:
     outputs: list["EdgeMeasurement"] | None = None
 
 
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _rms(t: torch.Tensor) -> float:
     """RMS over the finite elements (a masked ``-inf`` score is not a scale); NaN if none is finite."""
-    t = t.detach()
-    if t.numel() == 0:
+    n = t.numel()
+    if n == 0:
         return 0.0
-    x = t.double()
+    x = _as_float(t)
+    norm = float(torch.linalg.vector_norm(x, dtype=torch.float64))  # one pass; inf/nan if any element is
+    if math.isfinite(norm):
+        return norm / math.sqrt(n)
+    x = x.double()
     fin = torch.isfinite(x)
     if bool(fin.all()):
         return float(x.pow(2).mean().sqrt())
-    n = int(fin.sum())
-    if n == 0:
+    k = int(fin.sum())
+    if k == 0:
         return math.nan
     return float(x[fin].pow(2).mean().sqrt())
 
@@ -77,7 +86,10 @@ def _nonfinite(t: torch.Tensor) -> float:
     n = t.numel()
     if n == 0 or not t.is_floating_point():
         return 0.0
-    return float((~torch.isfinite(t.detach())).sum()) / n
+    x = _as_float(t)
+    if math.isfinite(float(x.sum())):  # fast path: a sum is finite when every element is
+        return 0.0
+    return float((~torch.isfinite(x)).sum()) / n
 
 
 def headroom_of(t: torch.Tensor) -> dict[str, dict[str, float]]:
@@ -90,20 +102,29 @@ def headroom_of(t: torch.Tensor) -> dict[str, dict[str, float]]:
     """
     a = t.detach().reshape(-1)
     n = a.numel()
+    out = {fmt: {"underflow": 0.0, "overflow": 0.0} for fmt in FORMATS}
     if n == 0:
-        return {fmt: {"underflow": 0.0, "overflow": 0.0} for fmt in FORMATS}
+        return out
     if n > _SAMPLE:
         g = torch.Generator(device="cpu").manual_seed(0)
         idx = torch.randint(0, n, (_SAMPLE,), generator=g).to(a.device)
         a = a[idx]
         n = _SAMPLE
-    a = a.abs().double()
-    finite = torch.isfinite(a)
-    out = {}
-    for fmt, (lo, hi) in FORMATS.items():
-        under = int(((a > 0) & (a <= lo / 2)).sum())
-        over = int(((a > hi) & finite).sum())
-        out[fmt] = {"underflow": under / n, "overflow": over / n}
+    a = _as_float(a).abs()
+    if not math.isfinite(float(a.sum())):  # inf / nan are neither underflow nor overflow
+        a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    amax = float(a.max())
+    zeros = n - int(torch.count_nonzero(a))
+    # the thresholds are nested: once a count is zero, the counts of the wider formats are too
+    for fmt, (lo, _) in sorted(FORMATS.items(), key=lambda kv: -kv[1][0]):  # largest threshold first
+        under = int(torch.count_nonzero(a <= lo / 2)) - zeros
+        out[fmt]["underflow"] = under / n
+        if under == 0:
+            break
+    for fmt, (_, hi) in sorted(FORMATS.items(), key=lambda kv: kv[1][1]):  # smallest max first
+        if amax <= hi:
+            break
+        out[fmt]["overflow"] = int(torch.count_nonzero(a > hi)) / n
     return out
 
 
