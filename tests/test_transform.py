@@ -234,3 +234,14 @@ def test_analyse_on_meta_device_predicts_without_weights():
     res = unitscale_fx.analyse(model, {"input_ids": ids, "labels": ids})
     assert res.gm is not None
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_t5_masked_position_bias_has_a_rule():
+    """T5's decoder applies its causal mask to the learned position bias with ``where(allowed, bias,
+    -big)``: the SDPA rule separates the two (a learned bias with a causal mask), so every op of
+    the encoder-decoder has a scale rule and the attention records a causal mask."""
+    model, kw = zoo.get("t5", hidden=32, layers=1, heads=2, seq=8, batch=2, vocab=64)
+    res = unitscale_fx.analyse(model, kw)
+    assert [m.op for m in res.missing] == []
+    kinds = sorted(n.meta["_us_attention"]["kind"] for n in res.gm.graph.nodes if "_us_attention" in n.meta)
+    assert kinds == ["causal", "full", "full"]  # decoder self, encoder self, cross attention

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..errors import MissingRuleError, UnitScaleError, describe_node, source_line
 from . import rules as _rules  # noqa: F401  (registers the rules)
 from .context import RuleContext, is_float_node, normalized_kwargs
+from .evaluate import Evaluator
 from .record import META_KEY, ScaleRecord, Stat, evaluate
 from .registry import Unsupported as _Unsupported, lookup
 
@@ -87,6 +88,8 @@ class GraphAnalysis:
     batch_size: int | None = None
     _const: dict[fx.Node, Any] = field(default_factory=dict)
     _const_failed: set = field(default_factory=set)
+    _evaluator: Evaluator | None = field(default=None, repr=False)
+    _evaluator_key: tuple = field(default=(), repr=False)
 
     # ------------------------------------------------------------------ helpers for rules
     def fwd_of(self, node: fx.Node) -> Stat | None:
@@ -98,10 +101,12 @@ class GraphAnalysis:
         return rec.fwd
 
     def value_of(self, expr: Any) -> float | None:
-        e = sympy.sympify(expr)
-        if self.symbol_hints:
-            e = e.xreplace({k: sympy.Float(v) for k, v in self.symbol_hints.items()})
-        return evaluate(e, self.hints)
+        """Float value of ``expr`` at the shape hints (and the hints of input-scale symbols)."""
+        key = (len(self.hints), len(self.symbol_hints))
+        if self._evaluator is None or self._evaluator_key != key:
+            self._evaluator = Evaluator({**self.hints, **self.symbol_hints})
+            self._evaluator_key = key
+        return self._evaluator(expr)
 
     def tame(self, st: Any) -> Any:
         """Keep a statistic's expressions small enough for sympy.
