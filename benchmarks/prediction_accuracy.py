@@ -7,10 +7,12 @@ error ``|log2(measured RMS / predicted RMS)|`` is summarised by its median and 9
 floating tensor (each output of a multi-output node counts); predicted and measured both zero is
 skipped (a zero bias), one of them zero is an infinite error, and an edge with no numeric
 prediction is counted as "unpredicted" (it does not enter the percentiles). Parameters and inputs
-are left out (their predictions are read off the tensors themselves).
+are left out of ``fwd``/``bwd`` (their values are read off the tensors themselves); the gradients
+of the parameters are a third figure, ``grads`` (on the transformed graph the ``grad_scale`` nodes
+applied to parameters, whose gradient is the parameter's before scaling, count there too, once).
 
     python benchmarks/prediction_accuracy.py                      # the seven models of issue 2
-    python benchmarks/prediction_accuracy.py nanogpt gpt2 --worst 5
+    python benchmarks/prediction_accuracy.py nanogpt gpt2 --worst 5 --roots 10
     python benchmarks/prediction_accuracy.py nanogpt --hidden 64 --layers 2 --json acc.json
 
 Model sizes default to the zoo's (hidden 256, 4 layers, 4 heads, seq 128, batch 4, vocab 1024).
@@ -31,24 +33,58 @@ P90_MAX = 0.5
 _SIZES = ("hidden", "layers", "heads", "seq", "batch", "vocab", "seed")
 
 
-def accuracy(report: Any, kinds: tuple[str, ...] = ("activation",)) -> dict[str, dict[str, Any]]:
-    """``{"fwd"|"bwd": {"edges", "median", "p90", "max", "unpredicted", "worst": [(edge, err)]}}``
-    of one measured :class:`~unitscale_fx.report.Report`."""
+def accuracy(report: Any, kinds: tuple[str, ...] = ("activation",),
+             exclude: frozenset[str] | set[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """``{"fwd"|"bwd"|"grads": {"edges", "median", "p90", "max", "unpredicted", "worst": [(edge, err)]}}``
+    of one measured :class:`~unitscale_fx.report.Report`: ``fwd``/``bwd`` over the edges of
+    ``kinds`` (nodes named in ``exclude`` left out), ``grads`` over the parameters' gradients."""
     from unitscale_fx.report import percentile
 
+    nodes = {n.name: n for n in report.nodes}
+    pes = report.prediction_errors(kinds)
+    pes["grads"] = report.prediction_errors(("parameter",))["bwd"]
     out = {}
-    for d, pe in report.prediction_errors(kinds).items():
-        errs = [e for _, e in pe["errors"]]
+    for d, pe in pes.items():
+        sd = "bwd" if d == "grads" else d
+        errors = [(e, v) for e, v in pe["errors"] if e.partition("[")[0] not in exclude]
+        unpred = [e for e in pe["unpredicted"] if e.partition("[")[0] not in exclude]
+        errs = [v for _, v in errors]
+        worst = sorted(errors, key=lambda t: -t[1])
         out[d] = {
             "edges": len(errs),
             "median": percentile(errs, 50),
             "p90": percentile(errs, 90),
             "max": max(errs) if errs else None,
-            "unpredicted": len(pe["unpredicted"]),
-            "unpredicted_edges": list(pe["unpredicted"]),
-            "worst": sorted(pe["errors"], key=lambda t: -t[1]),
+            "unpredicted": len(unpred),
+            "unpredicted_edges": unpred,
+            "worst": worst,
+            "details": {e: _details(nodes, e, sd) for e, _ in worst[:50]},
         }
     return out
+
+
+def _param_grad_scales(gm: Any) -> set[str]:
+    """``grad_scale`` nodes applied to a parameter: their gradient is the parameter's gradient
+    before scaling (counted once, with the parameters, under ``grads``)."""
+    from unitscale_fx.runtime import grad_scale
+
+    return {n.name for n in gm.graph.nodes if n.op == "call_function" and n.target is grad_scale
+            and n.args and getattr(n.args[0], "op", None) == "get_attr"}
+
+
+def _details(nodes: dict[str, Any], edge: str, d: str) -> dict[str, Any]:
+    """``{op, module, predicted, measured}`` of an edge (``name`` or ``name[i]``)."""
+    name, _, idx = edge.partition("[")
+    n = nodes.get(name)
+    if n is None:
+        return {}
+    pred = meas = None
+    if idx and n.outputs is not None:
+        o = n.outputs[int(idx.rstrip("]"))].get(d) or {}
+        pred, meas = o.get("predicted"), o.get("measured")
+    elif getattr(n, d) is not None:
+        pred, meas = getattr(n, d).predicted, getattr(n, d).measured
+    return {"op": n.op, "module": n.module, "predicted": pred, "measured": meas, "rule": n.rule}
 
 
 def measure_model(name: str, sizes: dict[str, int], graphs: tuple[str, ...] = ("original", "transformed"),
@@ -59,6 +95,8 @@ def measure_model(name: str, sizes: dict[str, int], graphs: tuple[str, ...] = ("
     from unitscale_fx import zoo
     from unitscale_fx.track import track
 
+    from unitscale_fx.track import _result_of
+
     _, model, inputs = zoo.resolve(name, **sizes)
     out: dict[str, Any] = {}
     for graph in graphs:
@@ -66,21 +104,97 @@ def measure_model(name: str, sizes: dict[str, int], graphs: tuple[str, ...] = ("
         with torch.random.fork_rng():
             torch.manual_seed(0)
             subject = model if graph == "original" else copy.deepcopy(model)
-            rep = track(subject, inputs, original=graph == "original", headroom=False, model_name=name)
-        out[graph] = {"accuracy": accuracy(rep, kinds), "seconds": time.perf_counter() - t0}
+            result = _result_of(subject, inputs, graph == "original", None)
+            rep = track(result, inputs, original=graph == "original", headroom=False, model_name=name)
+        out[graph] = {"accuracy": accuracy(rep, kinds, _param_grad_scales(result.gm)), "roots": roots(rep, result.gm),
+                      "seconds": time.perf_counter() - t0}
     return out
 
 
-def _f(v: float | None, digits: int = 3) -> str:
+def roots(report: Any, gm: Any, n: int = 40) -> dict[str, list[dict[str, Any]]]:
+    """Where the prediction errors come from: per direction, the nodes that *introduce* the largest
+    error, worst first.
+
+    The signed error of an edge is ``e = log2(measured / predicted)``. Views, copies and most
+    pointwise ops pass an error on unchanged, so the error of one mispredicting op shows on every
+    edge after it; what a node introduces is its error minus the error it received: in the forward
+    pass from the floating input whose error is closest to its own, in the backward pass from the
+    user (whose gradient flows into it) closest to its own, that user's error possibly multiplied or
+    divided by the forward error of an input of the user (``grad_a = grad_y * b`` inherits the
+    error of ``b``; a norm's input gradient is divided by its input's RMS). A node whose inputs
+    (users) were not measured or predicted introduces its whole error.
+    """
+    import torch.fx as fx
+
+    nodes = {x.name: x for x in report.nodes}
+    param_gs = _param_grad_scales(gm)
+
+    def err(name: str, d: str) -> float | None:
+        x = nodes.get(name)
+        st = getattr(x, d, None) if x is not None else None
+        if st is None or st.predicted is None or st.measured is None:
+            return None
+        if not (st.predicted > 0 and st.measured > 0 and math.isfinite(st.predicted) and math.isfinite(st.measured)):
+            return None
+        return math.log2(st.measured / st.predicted)
+
+    out: dict[str, list[dict[str, Any]]] = {"fwd": [], "bwd": [], "grads": []}
+    for node in gm.graph.nodes:
+        rep_node = nodes.get(node.name)
+        if rep_node is None or rep_node.kind not in ("activation", "parameter"):
+            continue
+        for d in ("fwd", "bwd"):
+            if (rep_node.kind == "parameter" or node.name in param_gs) and d == "fwd":
+                continue
+            e = err(node.name, d)
+            if e is None:
+                continue
+            if d == "fwd":
+                near = [err(a.name, d) for a in node.all_input_nodes if isinstance(a, fx.Node)]
+            else:
+                # the gradient a user sends back is its own gradient times (or over) a forward value:
+                # the node's (a norm divides by the RMS of its input) or another input's (a product)
+                near = []
+                for u in node.users:
+                    eb = err(u.name, "bwd")
+                    if eb is None:
+                        continue
+                    near.append(eb)
+                    for x in [node, *[a for a in u.all_input_nodes if a is not node]]:
+                        ef = err(x.name, "fwd")
+                        if ef is not None:
+                            near += [eb + ef, eb - ef]
+            near = [x for x in near if x is not None]
+            base = min(near, key=lambda x: abs(e - x)) if near else 0.0
+            intro = e - base
+            st = getattr(rep_node, d)
+            key = "grads" if rep_node.kind == "parameter" or node.name in param_gs else d
+            out[key].append({"node": node.name, "op": rep_node.op, "rule": rep_node.rule, "module": rep_node.module,
+                           "predicted": st.predicted, "measured": st.measured, "error": e, "introduced": intro})
+    for d in out:
+        out[d] = sorted(out[d], key=lambda r: -abs(r["introduced"]))[:n]
+    return out
+
+
+def _f(v: float | str | None, digits: int = 3) -> str:
     if v is None:
         return "-"
+    if isinstance(v, str):
+        return v
     if math.isinf(v):
         return "inf"
     return f"{v:.{digits}f}"
 
 
+def _g(v: float | str | None) -> str:
+    """4 significant digits (predicted / measured RMS)."""
+    if v is None or isinstance(v, str):
+        return _f(v)
+    return f"{v:.4g}"
+
+
 def table(results: dict[str, dict[str, Any]]) -> str:
-    head = f"{'model':24s} {'graph':12s} {'dir':4s} {'edges':>6s} {'median':>7s} {'p90':>7s} {'max':>7s} " \
+    head = f"{'model':24s} {'graph':12s} {'dir':5s} {'edges':>6s} {'median':>7s} {'p90':>7s} {'max':>7s} " \
            f"{'unpred':>6s} {'sec':>6s}  ok"
     lines = [head, "-" * len(head)]
     for name, res in results.items():
@@ -91,7 +205,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             for d, a in g["accuracy"].items():
                 ok = a["median"] is not None and a["median"] <= MEDIAN_MAX and a["p90"] <= P90_MAX
                 lines.append(
-                    f"{name:24s} {graph:12s} {d:4s} {a['edges']:6d} {_f(a['median']):>7s} {_f(a['p90']):>7s} "
+                    f"{name:24s} {graph:12s} {d:5s} {a['edges']:6d} {_f(a['median']):>7s} {_f(a['p90']):>7s} "
                     f"{_f(a['max']):>7s} {a['unpredicted']:6d} {g['seconds']:6.1f}  {'yes' if ok else 'NO'}"
                 )
     return "\n".join(lines)
@@ -104,8 +218,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{s}", type=int, default=None)
     p.add_argument("--graph", choices=("original", "transformed", "both"), default="both")
     p.add_argument("--worst", type=int, default=0, metavar="N", help="also list the N worst edges of each graph")
+    p.add_argument("--roots", type=int, default=0, metavar="N",
+                   help="also list the N nodes that introduce the largest error (see roots())")
     p.add_argument("--json", metavar="FILE", help="write the figures (and every edge's error) as JSON")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: fastest for these sizes, and on shared machines; 0: torch's default)")
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     sizes = {s: getattr(args, s) for s in _SIZES if getattr(args, s) is not None}
     graphs = ("original", "transformed") if args.graph == "both" else (args.graph,)
     results: dict[str, Any] = {}
@@ -122,9 +244,27 @@ def main(argv: list[str] | None = None) -> int:
         for name, res in results.items():
             for graph, g in res.items() if "error" not in res else ():
                 for d, a in g["accuracy"].items():
-                    w = ", ".join(f"{e}={_f(v, 2)}" for e, v in a["worst"][: args.worst])
+                    det = a.get("details", {})
+
+                    def one(e: str, v: float) -> str:
+                        x = det.get(e) or {}
+                        if not x:
+                            return f"{e}={_f(v, 2)}"
+                        return (f"{e} ({x['op']} @ {x['module'] or '<root>'}: pred {_g(x['predicted'])}, "
+                                f"meas {_g(x['measured'])})={_f(v, 2)}")
+
+                    w = ", ".join(one(e, v) for e, v in a["worst"][: args.worst])
                     unp = f"; unpredicted: {', '.join(a['unpredicted_edges'][:args.worst])}" if a["unpredicted"] else ""
                     print(f"{name} {graph} {d} worst: {w}{unp}")
+    if args.roots:
+        for name, res in results.items():
+            for graph, g in res.items() if "error" not in res else ():
+                for d, rows in g["roots"].items():
+                    print(f"{name} {graph} {d} error introduced at (log2 measured/predicted, signed):")
+                    for r in rows[: args.roots]:
+                        print(f"    {r['introduced']:+7.2f} (edge {r['error']:+6.2f}) {r['node']:28s} {r['op']:36s} "
+                              f"rule={r['rule']} @ {r['module'] or '<root>'}  pred {_g(r['predicted'])} "
+                              f"meas {_g(r['measured'])}")
     if args.json:
         def clean(v: Any) -> Any:
             if isinstance(v, float) and not math.isfinite(v):

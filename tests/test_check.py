@@ -249,6 +249,44 @@ def test_tiny_model_from_a_directory_on_the_path_passes(report):
     assert good.nonfinite == [] and good.failures == [] and good.error is None
 
 
+def test_exact_gradient_reference_is_the_scale_backward_false_graph(models_dir):
+    """The gradient-validity reference bypasses the grad_scale nodes of the checked graph; that is
+    the graph Config(scale_backward=False) builds: same loss, same gradients (up to rounding), while
+    the unit-scaled gradients differ from them by a positive factor per parameter."""
+    import copy
+    import importlib
+
+    import torch
+
+    import unitscale_fx
+    from unitscale_fx.runtime import grad_scale
+
+    torch.manual_seed(0)
+    model, inputs = importlib.import_module(MOD).factory(**TINY)
+    ref_model = copy.deepcopy(model)
+    us = unitscale_fx.transform(model, inputs, compile=False)
+    ref = unitscale_fx.transform(ref_model, inputs, compile=False, scale_backward=False)
+    ref.load_state_dict(model.state_dict())
+    gm = us.graph_module
+    bypassed = check._exact_gradient_graph(gm)
+    assert any(n.target is grad_scale for n in gm.graph.nodes)
+    assert not any(n.target is grad_scale for n in bypassed.graph.nodes)
+    assert dict(bypassed.named_parameters()).keys() <= dict(gm.named_parameters()).keys()
+    assert all(p is dict(gm.named_parameters())[k] for k, p in bypassed.named_parameters())  # shared
+    _, loss, grads = check._step(us, inputs, None, 0)
+    _, ref_loss, ref_grads = check._step(ref, inputs, None, 0)
+    object.__setattr__(us, "_us_runner", bypassed)
+    _, byp_loss, byp_grads = check._step(us, inputs, None, 0)
+    assert float(byp_loss) == pytest.approx(float(ref_loss), rel=1e-6) == pytest.approx(float(loss), rel=1e-6)
+    assert byp_grads.keys() == ref_grads.keys() == grads.keys()
+    ratios = []
+    for k in ref_grads:
+        torch.testing.assert_close(byp_grads[k], ref_grads[k], rtol=1e-4, atol=1e-6)
+        assert check._cosine(grads[k], byp_grads[k]) > 0.9999999
+        ratios.append(float(grads[k].norm() / byp_grads[k].norm()))
+    assert max(ratios) / min(ratios) > 2  # the backward scales do change the gradients' sizes
+
+
 def test_worst_edges_name_module_path_op_and_node(report):
     good = report.models[0]
     assert 1 <= len(good.worst_edges) <= 5
@@ -450,6 +488,34 @@ def test_cli_usage_errors_exit_2(tmp_path, monkeypatch, capsys):
     assert main(["check", "nanogpt"]) == 2
     assert "unknown key 'bogus'" in capsys.readouterr().err
     assert main(["check", "nanogpt", "--no-config", "--min-forward", "3"]) == 2
+    assert main(["check", "nanogpt", "--no-config", "--threads", "-1"]) == 2
+    assert "--threads must be >= 0" in capsys.readouterr().err
+
+
+def test_threads_are_set_while_checking_and_restored(monkeypatch):
+    """check_models runs the checks with 1 torch thread by default (``threads=0``: torch's
+    default) and restores the caller's setting afterwards."""
+    import torch
+
+    seen = []
+
+    def fake(m, **kw):
+        seen.append(torch.get_num_threads())
+        return check.ModelCheck(name=m)
+
+    monkeypatch.setattr(check, "check_model", fake)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        check.check_models(["a", "b"])
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        check.check_models(["a"], threads=0)
+        check.check_models(["a"], threads=3)
+        assert seen[2:] == [2, 3] and torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="threads"):
+            check.check_models(["a"], threads=-1)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_cli_pyproject_settings_and_flags(models_dir, tmp_path, monkeypatch, capsys):

@@ -193,6 +193,92 @@ def test_json_schema_measured_and_round_trip(transformed, tmp_path):
         Report.from_dict({**d, "schema": "unitscale_fx.report/999"})
 
 
+DOC = Path(__file__).resolve().parents[1] / "docs" / "report_schema.md"
+
+
+def _doc_table_keys(text: str, heading: str) -> set[str]:
+    """The first-column keys (`` `key` ``) of the table under ``heading`` in the schema doc."""
+    import re
+
+    part = text.split(heading, 1)[1]
+    keys = set()
+    started = False
+    for line in part.splitlines():
+        if line.startswith("|"):
+            started = True
+            m = re.match(r"\|\s*`([a-z_]+)`\s*\|", line)
+            if m:
+                keys.add(m.group(1))
+        elif started:
+            break
+    return keys
+
+
+def test_schema_version_and_fields_are_documented():
+    """docs/report_schema.md documents this schema version and exactly the fields the writer emits."""
+    from unitscale_fx.report import _NODE_FIELDS, FORMATS
+
+    text = DOC.read_text(encoding="utf-8")
+    assert SCHEMA == "unitscale_fx.report/1"
+    assert f"# Scale report JSON, schema `{SCHEMA}`" in text
+    assert _doc_table_keys(text, "## Top level") == {"schema", "model", "graph", "measured", "symbols", "nodes",
+                                                     "summary"}
+    assert _doc_table_keys(text, "## Node") == set(_NODE_FIELDS) | {"outputs"}
+    assert set(_NODE_KEYS) == set(_NODE_FIELDS)
+    assert _doc_table_keys(text, "### stat") == {"expr", "predicted", "measured"}
+    assert _doc_table_keys(text, "### factors") == {"fwd", "bwd", "grad"}
+    assert _doc_table_keys(text, "### headroom") == {"underflow", "overflow"}
+    assert {"prediction_error", "headroom", "in_band", "worst", "missing", "inserted"} <= _doc_table_keys(
+        text, "## summary")
+    for fmt in FORMATS:
+        assert f"`{fmt}`" in text or f'"{fmt}"' in text
+
+
+def test_validate_names_the_offending_field(transformed):
+    """``validate`` (and ``Report.from_dict``) reject a wrong schema version, missing or mistyped
+    fields, and accept keys they do not know (keys are only added within a version)."""
+    import copy
+
+    from unitscale_fx.report import validate
+
+    _, _, res = transformed
+    d = json.loads(track(res).to_json())
+    validate(d)
+    i = next(k for k, n in enumerate(d["nodes"]) if n["headroom"] and n["bwd"] and n["factors"])
+
+    def broken(edit):
+        x = copy.deepcopy(d)
+        edit(x)
+        return x
+
+    cases = [
+        (lambda x: x.update(schema="unitscale_fx.report/2"), "schema"),
+        (lambda x: x.pop("nodes"), "nodes"),
+        (lambda x: x.update(graph="other"), "graph"),
+        (lambda x: x["nodes"][i].pop("module"), "missing fields ['module']"),
+        (lambda x: x["nodes"][i].update(shape="4x8"), ".shape"),
+        (lambda x: x["nodes"][i]["fwd"].pop("measured"), ".fwd"),
+        (lambda x: x["nodes"][i]["bwd"].update(predicted="big"), ".bwd.predicted"),
+        (lambda x: x["nodes"][i].update(index=i + 1), ".index"),
+        (lambda x: x["nodes"][i]["headroom"]["bwd"].pop("fp16"), ".headroom.bwd"),
+        (lambda x: x["nodes"][i]["headroom"]["fwd"]["bf16"].update(underflow=1.5), ".headroom.fwd.bf16"),
+        (lambda x: x["nodes"][i]["factors"][next(iter(x["nodes"][i]["factors"]))].pop("value"), ".factors."),
+        (lambda x: x.update(measured=False), "measured"),
+        (lambda x: x["summary"].pop("worst"), "summary"),
+    ]
+    for edit, needle in cases:
+        with pytest.raises(ValueError, match="report JSON") as e:
+            validate(broken(edit))
+        assert needle in str(e.value), (needle, str(e.value))
+    with pytest.raises(ValueError, match="unsupported report schema"):
+        Report.from_dict(broken(cases[0][0]))
+    # a newer writer of the same major version may add keys anywhere
+    newer = broken(lambda x: (x.update(extra=1), x["nodes"][i].update(new_field="x"),
+                              x["nodes"][i]["fwd"].update(p99=2.0), x["summary"].update(more={})))
+    validate(newer)
+    assert Report.from_dict(newer).to_dict()["nodes"][i] == d["nodes"][i]
+
+
 def test_transformed_report_shows_inserted_scales(transformed):
     _, _, res = transformed
     rep = build_report(res)
@@ -446,6 +532,26 @@ def test_plot_scales(original, transformed, tmp_path):
     path = plot_scales([track(original[2]), build_report(transformed[2])], tmp_path / "s.png")
     data = Path(path).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_plot_sets_pre_scale_intermediates_apart(original, transformed):
+    """On a transformed graph the values right before an inserted scale (and grad_scale's
+    identity copies / unscaled incoming gradients) are drawn apart; the original graph has none."""
+    from unitscale_fx.plot import _series, is_intermediate
+
+    orig, tr = build_report(original[2]), build_report(transformed[2])
+    assert not any(is_intermediate(n, d) for n in orig.edges() for d in ("fwd", "bwd"))
+    gs = [n for n in tr.edges() if n.op == "grad_scale"]
+    scaled = [n for n in tr.edges() if "fwd" in n.factors and n.role is None]
+    inserted = [n for n in tr.edges() if n.role is not None]
+    assert gs and scaled and inserted
+    assert all(is_intermediate(n, "fwd") and is_intermediate(n, "bwd") for n in gs)
+    assert all(is_intermediate(n, "fwd") and not is_intermediate(n, "bwd") for n in scaled)
+    assert not any(is_intermediate(n, d) for n in inserted for d in ("fwd", "bwd"))
+    for d in ("fwd", "bwd"):
+        allx = _series(tr, d, "predicted")[0]
+        main, inter = _series(tr, d, "predicted", "main")[0], _series(tr, d, "predicted", "intermediate")[0]
+        assert sorted(main + inter) == allx and not set(main) & set(inter)
 
 
 def test_plot_without_matplotlib(monkeypatch, original, tmp_path):

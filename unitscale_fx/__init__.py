@@ -10,17 +10,19 @@ from .errors import (
     AlreadyTransformedError,
     CaptureError,
     ConfigError,
+    InputMismatchError,
     MissingRuleError,
     PassError,
     UnitScaleError,
 )
 from .module import UnitScaledModule
 from .probe import ProbeResult, ScaleProbe, measure_step
+from .track import track
 
 __all__ = [
     "transform", "analyse", "Config", "UnitScaledModule", "TransformResult", "AnalysisResult",
     "ScaleProbe", "ProbeResult", "measure_step", "META_KEY", "ScaleRecord", "Stat",
     "UnitScaleError", "CaptureError", "ConfigError", "MissingRuleError", "PassError",
-    "AlreadyTransformedError",
+    "AlreadyTransformedError", "InputMismatchError", "track",
 ]
 __version__ = "0.1.0"

@@ -122,7 +122,10 @@ def _clean_fqn(path: str) -> str:
     return p.replace("[", ".").replace("]", "").replace("'", "").strip(".")
 
 
-def _run_pipeline(model: nn.Module, args: tuple, kwargs: dict, config: Config) -> TransformResult:
+def _run_pipeline(model: nn.Module, args: tuple, kwargs: dict, config: Config, *,
+                  init_weights: bool = True) -> TransformResult:
+    """Capture, analyse and rewrite ``model``. ``init_weights=False`` plans the scales for
+    ``config.init`` but leaves the parameter values alone (a checkpoint was loaded before capture)."""
     cap = capture(model, args, kwargs, dynamic=config.dynamic)
     gm = cap.gm
     _bind(gm, model)
@@ -135,10 +138,35 @@ def _run_pipeline(model: nn.Module, args: tuple, kwargs: dict, config: Config) -
     final.run_backward()
     if config.strict and final.missing:
         raise MissingRuleError(final.missing_message(), [(m.node, m.op, m.source) for m in final.missing])
-    if config.init == "unit":
-        apply_init(model, state.param_roles)
+    if config.init == "unit" and init_weights:
+        _apply_init_atomic(model, state.param_roles)
     return TransformResult(gm=gm, capture=cap, analysis=final, title="transformed", state=state,
                            counts=dict(state.counts))
+
+
+def _apply_init_atomic(model: nn.Module, roles: dict[str, str]) -> int:
+    """:func:`apply_init`, all or nothing: if it fails part-way (out of memory, an interrupt) the
+    parameters it already wrote get their old values back (kept on the CPU meanwhile)."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: set[int] = set()
+    with torch.no_grad():
+        for fqn, role in roles.items():
+            if role == "keep":
+                continue
+            try:
+                p = model.get_parameter(fqn)
+            except AttributeError:
+                continue
+            if id(p) not in seen and p.device.type != "meta":
+                seen.add(id(p))
+                saved.append((p, p.detach().to("cpu", copy=True)))
+    try:
+        return apply_init(model, roles)
+    except BaseException:
+        with torch.no_grad():
+            for p, old in saved:
+                p.copy_(old.to(p.device))
+        raise
 
 
 def _rebind(res: TransformResult, model: nn.Module, memo: dict) -> TransformResult:

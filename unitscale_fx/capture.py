@@ -8,6 +8,9 @@ dimension symbolic unless the model's code forces it to a constant). Parameters 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +19,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.export import Dim
+import torch.utils._pytree as pytree
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .errors import CaptureError
+from .errors import CaptureError, _is_library_file, user_frame_of_exception
 
 __all__ = ["Capture", "capture", "normalize_inputs"]
 
@@ -82,35 +86,235 @@ def _train_mode(model: nn.Module):
             m.training = f
 
 
-def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dynamic: bool = True) -> Capture:
-    """Export ``model`` in training mode and return the cleaned graph module."""
-    kwargs = dict(kwargs or {})
-    dyn = None
-    if dynamic:
-        dyn_args = tuple(tree_map(_dynamic_spec, a) for a in args)
-        dyn_kwargs = {k: tree_map(_dynamic_spec, v) for k, v in kwargs.items()}
-        dyn = dyn_kwargs if not args else (dyn_args if not kwargs else None)
-        if args and kwargs:
-            dyn = {**{f"_arg{i}": None for i in range(0)}, **dyn_kwargs}
-            dyn = None  # mixed positional + keyword: fall back to export's default handling
-            dynamic = False
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``dynamic_shapes`` for export: a tuple (positional only), or a dict by parameter name."""
+    if not args:
+        return {k: tree_map(_dynamic_spec, v) for k, v in kwargs.items()}
+    if not kwargs:
+        return tuple(tree_map(_dynamic_spec, a) for a in args)
+    # positional and keyword arguments mixed: export takes a dict keyed by the forward's parameter names
     try:
-        with _train_mode(model):
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    params = sig.parameters
+    if any(params[n].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for n in bound.arguments):
+        return None
+    return {n: tree_map(_dynamic_spec, v) for n, v in bound.arguments.items()}
+
+
+# nn.Module internals that export itself (and hooks) touch; everything else in a module's __dict__
+# is the user's Python state
+_MODULE_INTERNALS = frozenset({
+    "_backward_hooks", "_backward_pre_hooks", "_buffers", "_forward_hooks", "_forward_hooks_always_called",
+    "_forward_hooks_with_kwargs", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_is_full_backward_hook",
+    "_load_state_dict_post_hooks", "_load_state_dict_pre_hooks", "_modules", "_non_persistent_buffers_set",
+    "_parameters", "_state_dict_hooks", "_state_dict_pre_hooks", "training", "_initialize_hook", "_load_hook",
+    "_compiled_call_impl", "_unitscale_fx_transformed",
+})
+_SIMPLE = (int, float, bool, str, bytes, type(None), complex)
+
+
+def _same_value(old: Any, new: Any) -> bool:
+    if new is old:
+        return True
+    if type(old) is type(new) and isinstance(old, _SIMPLE):
+        return old == new
+    if type(old) is type(new) and isinstance(old, tuple) and len(old) == len(new):
+        return all(_same_value(a, b) for a, b in zip(old, new))
+    return False
+
+
+def _shallow(v: Any) -> Any:
+    if type(v) in (list, dict, set):
+        return copy.copy(v)
+    return None
+
+
+def _same_content(old: Any, new: Any) -> bool:
+    if type(old) is list:
+        return len(old) == len(new) and all(_same_value(a, b) for a, b in zip(old, new))
+    if type(old) is dict:
+        return old.keys() == new.keys() and all(_same_value(old[k], new[k]) for k in old)
+    if type(old) is set:
+        try:
+            return old == new
+        except Exception:  # noqa: BLE001 - elements without a usable ==
+            return False
+    return True
+
+
+def _short(v: Any) -> str:
+    text = repr(v) if isinstance(v, _SIMPLE + (tuple, list, dict, set)) else f"<{type(v).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _CaptureWatch:
+    """Temporary hooks on the root module while export traces it (removed afterwards).
+
+    * the pre-hook (first of all) snapshots the Python attributes of every submodule, the
+      post-hook (last of all) compares: an attribute the forward changed is a *Python side effect*
+      that the captured graph would silently drop (export runs the forward once, on fake tensors,
+      and restores the attributes afterwards);
+    * the post-hook registers dataclass outputs that ``torch.utils._pytree`` does not know as pytree
+      nodes (``torch.export.register_dataclass``), so a model may return its own dataclass.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.changes: list[str] = []
+        self.registered: list[type] = []
+        self._snap: list[tuple[str, nn.Module, str, Any, Any]] | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "_CaptureWatch":
+        self._handles = [
+            self.model.register_forward_pre_hook(self._pre, prepend=True),
+            self.model.register_forward_hook(self._post),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        snap = []
+        for name, mod in self.model.named_modules():
+            for k, v in mod.__dict__.items():
+                if k in _MODULE_INTERNALS or k.startswith("_us_"):
+                    continue
+                snap.append((name, mod, k, v, _shallow(v)))
+        self._snap = snap
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._register_dataclasses(output, 0)
+        if self._snap is None:
+            return
+        for name, mod, k, old, content in self._snap:
+            where = f"{name + '.' if name else ''}{k}"
+            if k not in mod.__dict__:
+                self.changes.append(f"{where} (of {type(mod).__name__}) was deleted")
+                continue
+            new = mod.__dict__[k]
+            if not _same_value(old, new):
+                self.changes.append(f"{where} (of {type(mod).__name__}) changed: {_short(old)} -> {_short(new)}")
+            elif content is not None and not _same_content(content, new):
+                self.changes.append(f"{where} (of {type(mod).__name__}) was modified in place: "
+                                    f"{_short(content)} -> {_short(new)}")
+        known = {(n, k) for n, _, k, _, _ in self._snap}
+        for name, mod in self.model.named_modules():
+            for k in mod.__dict__:
+                if k not in _MODULE_INTERNALS and not k.startswith("_us_") and (name, k) not in known:
+                    self.changes.append(f"{name + '.' if name else ''}{k} (of {type(mod).__name__}) was set "
+                                        f"by the forward: {_short(mod.__dict__[k])}")
+        self._snap = None
+
+    def _register_dataclasses(self, obj: Any, depth: int) -> None:
+        if depth > 8:
+            return
+        if isinstance(obj, (list, tuple)):
+            for x in obj:
+                self._register_dataclasses(x, depth + 1)
+        elif isinstance(obj, dict):
+            for x in obj.values():
+                self._register_dataclasses(x, depth + 1)
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            cls = type(obj)
+            if cls not in pytree.SUPPORTED_NODES:
+                try:
+                    torch.export.register_dataclass(cls)
+                    self.registered.append(cls)
+                except Exception:  # noqa: BLE001 - export then reports the unknown type itself
+                    return
+            for f in dataclasses.fields(obj):
+                self._register_dataclasses(getattr(obj, f.name, None), depth + 1)
+
+
+def _module_of_frame(exc: BaseException, model: nn.Module) -> str | None:
+    """The fqn of the module whose code (``self``) raised, innermost user frame first."""
+    tb = exc.__traceback__
+    found = None
+    names = {id(m): n for n, m in model.named_modules()}
+    while tb is not None:
+        fr = tb.tb_frame
+        code = fr.f_code
+        obj = fr.f_locals.get(code.co_varnames[0]) if code.co_argcount > 0 else None  # ``self``
+        if isinstance(obj, nn.Module) and id(obj) in names and not _is_library_file(fr.f_code.co_filename):
+            found = names[id(obj)]
+        tb = tb.tb_next
+    return found
+
+
+def _explain(exc: BaseException, model: nn.Module) -> tuple[str, str, str]:
+    """``(what, op, fix)`` for a failed export."""
+    msg = str(exc)
+    _, calls = user_frame_of_exception(exc)
+    calls = calls or ""
+    if "not a known type" in msg and "Cache" in msg:
+        return ("the model returns a KV cache object", "output flattening (torch.utils._pytree)",
+                "build the model with use_cache=False (config.use_cache = False)")
+    if "not a known type" in msg:
+        return ("the model returns an object torch.utils._pytree cannot flatten", "output flattening",
+                "register its class with torch.utils._pytree.register_pytree_node (dataclasses are registered "
+                "automatically), or return a tuple / dict / dataclass")
+    if "data-dependent" in msg or "GuardOnDataDependent" in type(exc).__name__:
+        if "guard_bool" in calls or "__bool__" in calls or "Eq(" in msg.split("\n")[0]:
+            what = "data-dependent control flow: a Python if/while/and/or/assert/bool() on a tensor's value"
+            op = "aten.item (Tensor.__bool__: the tensor's value becomes a Python bool)"
+        else:
+            what = "data-dependent value: a tensor's value becomes a Python number"
+            op = "aten.item / aten._local_scalar_dense (.item(), int(), float() or .tolist() of a tensor)"
+        fix = ("compute both branches and select with torch.where, or use torch.cond(pred, true_fn, false_fn, "
+               "operands); a value that is only checked can be asserted with torch._check(...); shapes must not "
+               "depend on tensor values")
+        return what, op, fix
+    return (f"{type(exc).__name__}", "see the export message below",
+            "check that torch.export.export(model, args, kwargs, strict=False) works on this model "
+            "(torch.export.draft_export lists every problem at once)")
+
+
+def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dynamic: bool = True) -> Capture:
+    """Export ``model`` in training mode and return the cleaned graph module.
+
+    Raises :class:`CaptureError` when export fails (the message names what failed, the user's
+    source line, the module and the fix) or when the forward has Python side effects (attributes it
+    changes), which the captured graph would silently drop. The model is left as it was either way.
+    """
+    kwargs = dict(kwargs or {})
+    dyn = _dynamic_shapes(model, args, kwargs) if dynamic else None
+    watch = _CaptureWatch(model)
+    try:
+        with _train_mode(model), watch:
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         msg = str(e)
-        hint = ""
-        if "not a known type" in msg and "Cache" in msg:
-            hint = "\nHint: the model returns a KV cache; build it with use_cache=False (config.use_cache = False)."
-        elif "data-dependent" in msg or "GuardOnDataDependent" in type(e).__name__:
-            hint = (
-                "\nHint: the model has data-dependent control flow; rewrite that part with torch.cond / "
-                "torch.where, or exclude the module with Config(exclude=(...))."
-            )
+        what, op, fix = _explain(e, model)
+        where, _ = user_frame_of_exception(e)
+        fqn = _module_of_frame(e, model)
+        first = msg.strip().splitlines()[0] if msg.strip() else ""
+        lines = [f"torch.export could not capture {type(model).__name__} as one graph: {what}"]
+        if where:
+            lines.append("  at " + where.replace("\n", "\n  "))
+        if fqn is not None:
+            lines.append(f"  module: {fqn or '(the root module)'}")
+        lines.append(f"  op: {op}")
+        lines.append(f"  fix: {fix}")
+        lines.append(f"  ({type(e).__name__}: {first})")
+        lines.append(f"--- export said ---\n{msg[:4000]}")
+        raise CaptureError("\n".join(lines)) from e
+    if watch.changes:
+        shown = watch.changes[:8] + ([f"... and {len(watch.changes) - 8} more"] if len(watch.changes) > 8 else [])
         raise CaptureError(
-            f"torch.export could not capture {type(model).__name__} as one graph: {type(e).__name__}: "
-            f"{msg.strip().splitlines()[0] if msg.strip() else ''}{hint}\n--- export said ---\n{msg[:4000]}"
-        ) from e
+            f"{type(model).__name__}.forward has Python side effects that a captured graph cannot repeat "
+            "(export runs the forward once, at capture, and the graph never runs Python code):\n"
+            + "\n".join(f"  - {c}" for c in shown)
+            + "\n  fix: keep such state out of forward, or make it a registered buffer updated in place "
+            "(e.g. self.steps.add_(1) with self.register_buffer('steps', torch.zeros((), dtype=torch.long))); "
+            "the model was left unchanged"
+        )
     gm = ep.module()
     _strip_guards(gm)
     cap = Capture(gm=gm, args=args, kwargs=kwargs)

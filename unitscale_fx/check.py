@@ -3,22 +3,24 @@
 ``unitscale-fx check`` (or ``python -m unitscale_fx.check``) runs, for every model it is given
 (a zoo name or a ``package.module:factory`` spec), in a fresh copy built with a fixed seed:
 
-1. capture + analysis of the original model (:func:`unitscale_fx.analyse`): which ops have no
-   scale rule (node, op, user source line; ops downstream of them apart) and the *coverage*;
-2. the transform (:func:`unitscale_fx.transform` with ``Config(compile=False)``, ``strict`` as
-   asked). Eager on purpose: the scale probe is a dispatch mode and must see every aten op of the
-   forward and the backward pass, which compiled kernels hide;
+1. the transform (:func:`unitscale_fx.transform` with ``Config(compile=False)``, ``strict`` as
+   asked): capture, analysis, rewrite. Eager on purpose: the scale probe is a dispatch mode and
+   must see every aten op of the forward and the backward pass, which compiled kernels hide;
+2. coverage, from the analysis of the graph the transform produced (the nodes it inserted left
+   out): which ops have no scale rule (node, op, user source line; ops downstream of them apart).
+   When the transform raises (strict mode, a failing pass) the original model is captured and
+   analysed (:func:`unitscale_fx.analyse`) instead, to name the ops without a rule;
 3. one training step of the transformed graph under the scale probe
    (:func:`unitscale_fx.probe.measure_step`): the RMS of every forward and backward GEMM
    multiplicand and of every parameter gradient. Each op of the graph runs inside a small module
    (:func:`_scoped_runner`) so that every measurement is attributed to the module path of the
    original model and to the FX node that ran it; the cross-entropy losses of the graph are
    tapped for the initial-loss check;
-4. gradient validity: a deep copy of the original model is transformed with
-   ``Config(compile=False, scale_backward=False)`` (the same graph without the backward-only
-   scales), given the checked model's parameters, and runs the same step with the same RNG seed
-   (same dropout masks); its loss must be the same and every parameter's gradient must point the
-   same way (cosine similarity);
+4. gradient validity: the same transformed graph with its backward-only scales bypassed (every
+   ``grad_scale`` node, the identity in the forward pass, replaced by its input: what
+   ``Config(compile=False, scale_backward=False)`` builds) runs the same step with the same
+   parameters and RNG seed (same dropout masks); its loss must be the same and every parameter's
+   gradient must point the same way (cosine similarity);
 5. the verdict against :class:`Criteria` (see its docstring and ``docs/check.md``).
 
 Python API: :func:`check_model` -> :class:`ModelCheck`, :func:`check_models` -> :class:`CheckReport`.
@@ -285,7 +287,7 @@ class ModelCheck:
         failures: one line per failed criterion.
         error: a traceback summary when a step raised (the model then fails).
         seconds: wall-clock time of the check.
-        timings: seconds per stage (build, analyse, transform, probe, reference).
+        timings: seconds per stage (build, transform, analyse = coverage, probe, reference).
     """
 
     name: str
@@ -925,6 +927,8 @@ def _split_missing(gm: Any, missing: Sequence[MissingOpInfo]) -> tuple[list[Miss
     roots, downstream = [], []
     for m in missing:
         node = nodes.get(m.node)
+        if node is not None and _inserted(node):
+            continue  # a scale the transform put after an unscaled op: not the user's op
         if node is None or node.op != "call_function" or lookup(node.target) is None:
             roots.append(m)
         elif any(is_missing(a) for a in node.all_input_nodes):
@@ -934,9 +938,20 @@ def _split_missing(gm: Any, missing: Sequence[MissingOpInfo]) -> tuple[list[Miss
     return roots, downstream
 
 
+def _inserted(node: Any) -> bool:
+    """A node the transform inserted (a forward scale, a ``grad_scale``, a run-time scale value)."""
+    from . import runtime
+    from .analysis.record import META_KEY
+
+    if node.op == "call_function" and node.target in (runtime.grad_scale, runtime.scale_value):
+        return True
+    return getattr(node.meta.get(META_KEY), "role", None) is not None
+
+
 def _coverage(gm: Any) -> tuple[float | None, int]:
     """``(fraction of judged ops with a scale rule, number of judged ops)``; an op that has a rule
-    but no scale because of an upstream op without one still counts as covered."""
+    but no scale because of an upstream op without one still counts as covered. Nodes the
+    transform inserted (:func:`_inserted`) are not judged."""
     from .analysis.record import META_KEY
 
     missing = [MissingOpInfo(n.name, "") for n in gm.graph.nodes
@@ -945,7 +960,7 @@ def _coverage(gm: Any) -> tuple[float | None, int]:
     n_rule = n_missing = 0
     for node in gm.graph.nodes:
         rec = node.meta.get(META_KEY)
-        if rec is None or node.op in ("placeholder", "get_attr", "output"):
+        if rec is None or node.op in ("placeholder", "get_attr", "output") or _inserted(node):
             continue
         if node.name in roots:
             n_missing += 1
@@ -955,6 +970,16 @@ def _coverage(gm: Any) -> tuple[float | None, int]:
     if total == 0:
         return None, 0
     return n_rule / total, total
+
+
+def _original_coverage(mc: ModelCheck, model: Any, inputs: Any) -> None:
+    """Coverage and ops without a rule from the analysis of the *original* graph: used when the
+    transform raised (strict mode, or a pass failed), so there is no transformed graph to judge."""
+    from .api import analyse
+
+    a = analyse(model, inputs, backward=False)
+    mc.coverage, mc.n_ops = _coverage(a.gm)
+    mc.missing_ops, mc.unanalysed_ops = _split_missing(a.gm, _missing_infos(a.missing))
 
 
 def _cosine(a: Any, b: Any) -> float:
@@ -1039,7 +1064,7 @@ def check_model(
     return mc
 
 
-_STAGES = ("build", "analyse", "transform", "probe", "reference")
+_STAGES = ("build", "transform", "analyse", "probe", "reference")
 
 
 class _Skip(Exception):
@@ -1112,11 +1137,9 @@ def _check_into(mc: ModelCheck, spec: Any, criteria: Criteria, sz: dict[str, Any
 
 def _check_built(mc: ModelCheck, spec: Any, c: Criteria, sz: dict[str, Any], strict: bool,
                  loss_fn: Callable | None, lap: Callable[[str], None]) -> None:
-    import copy
-
     import torch
 
-    from .api import analyse, transform
+    from .api import transform
     from .config import Config
     from .errors import MissingRuleError
     from .probe import measure_step
@@ -1127,36 +1150,38 @@ def _check_built(mc: ModelCheck, spec: Any, c: Criteria, sz: dict[str, Any], str
     model, inputs = built.model, built.inputs
     seed = int(sz.get("seed", 0))
 
-    # the exact-gradient reference is transformed from an untouched copy (the transform
-    # re-initialises the model's weights in place)
-    ref_model, ref_problem = None, None
-    try:
-        ref_model = copy.deepcopy(model)
-    except Exception as e:  # noqa: BLE001
-        ref_problem = f"cannot deep-copy the model for the exact-gradient reference: {type(e).__name__}: {e}"
-
     lap("build")
 
-    # 1. coverage, judged on the original model's graph (rules are looked up in the forward analysis)
-    a = analyse(model, inputs, backward=False)
-    mc.coverage, mc.n_ops = _coverage(a.gm)
-    mc.missing_ops, mc.unanalysed_ops = _split_missing(a.gm, _missing_infos(a.missing))
-    del a
-    lap("analyse")
-
-    # 2. the transform, eager: the probe must see every op of the forward and the backward pass
+    # 1. the transform, eager: the probe must see every op of the forward and the backward pass
     cfg = Config(compile=False, strict=bool(strict))
     try:
         us = transform(model, inputs, config=cfg)
     except MissingRuleError as e:
         lap("transform")
+        _original_coverage(mc, model, inputs)
+        lap("analyse")
         if not mc.missing_ops:
             mc.missing_ops = _missing_infos(e.ops)
         mc.failures.append(_coverage_failure(mc, c, force=True))
         mc.failures.append(f"strict: the transform raised MissingRuleError ({len(e.ops)} op(s) of the "
                            "transformed graph without a scale); nothing else was measured")
         return
+    except Exception:
+        lap("transform")
+        try:  # name the ops without a rule too: they are often why a pass gave up
+            _original_coverage(mc, model, inputs)
+        except Exception:  # noqa: BLE001 - the transform's error is the one to report
+            pass
+        lap("analyse")
+        raise
     lap("transform")
+
+    # 2. coverage, judged on the analysis of the graph the transform produced (the nodes it
+    #    inserted, scales and grad_scales, left out): no second capture of the model
+    res = us.result
+    mc.coverage, mc.n_ops = _coverage(res.gm)
+    mc.missing_ops, mc.unanalysed_ops = _split_missing(res.gm, _missing_infos(res.analysis.missing))
+    lap("analyse")
     cov_fail = _coverage_failure(mc, c)
     if cov_fail:
         mc.failures.append(cov_fail)
@@ -1232,20 +1257,23 @@ def _check_built(mc: ModelCheck, spec: Any, c: Criteria, sz: dict[str, Any], str
     del output, runner
     lap("probe")
 
-    # 5. gradient validity: the exact gradient of the same transformed forward, i.e. the transform
-    #    with Config(scale_backward=False), identical parameters and the same RNG (dropout masks)
-    if ref_model is None:
-        mc.failures.append(f"gradient validity not checked: {ref_problem}")
-        return
-    ref = transform(ref_model, inputs, config=cfg.replace(scale_backward=False, strict=False))
-    ref.load_state_dict(model.state_dict())
-    _, ref_loss, ref_grads = _step(ref, inputs, lf, seed)
+    # 5. gradient validity: the exact gradient of the same transformed forward, i.e. the same graph
+    #    with its backward-only scales (grad_scale nodes, identities in the forward pass) bypassed,
+    #    which is what Config(scale_backward=False) builds; same parameters, same RNG (dropout masks)
+    ref_gm = _exact_gradient_graph(gm)
+    saved_runner = us._us_runner
+    object.__setattr__(us, "_us_runner", ref_gm)
+    try:
+        _, ref_loss, ref_grads = _step(us, inputs, lf, seed)
+    finally:
+        object.__setattr__(us, "_us_runner", saved_runner)
+    del ref_gm
     mc.reference_loss = float(ref_loss)
     lap("reference")
     if not _same_loss(mc.reference_loss, mc.loss):
-        mc.failures.append(f"gradient validity: the reference transform (scale_backward=False, same weights) "
-                           f"gives loss {mc.reference_loss:.6f}, not {mc.loss:.6f}: the forward pass depends "
-                           "on scale_backward")
+        mc.failures.append(f"gradient validity: the graph without its backward-only scales (grad_scale "
+                           f"bypassed, same weights) gives loss {mc.reference_loss:.6f}, not {mc.loss:.6f}: "
+                           "the forward pass depends on the backward scales")
     cos: list[tuple[str, float]] = []
     for n in sorted((set(grads) | set(ref_grads)) - set(mc.zero_grads)):
         cos.append((n, _cosine(grads[n], ref_grads[n]) if n in grads and n in ref_grads else math.nan))
@@ -1261,6 +1289,32 @@ def _check_built(mc: ModelCheck, spec: Any, c: Criteria, sz: dict[str, Any], str
         mc.failures.append(f"gradient validity: {len(low)} of {len(cos)} parameter gradients have cosine "
                            f"similarity < {c.min_cosine:g} with the exact gradient (worst {n0}: "
                            + ("missing in one of the two runs" if math.isnan(v0) else f"{v0:.6f}") + ")")
+
+
+def _exact_gradient_graph(gm: Any) -> Any:
+    """A copy of the transformed graph module with every ``grad_scale`` node bypassed.
+
+    ``grad_scale`` is the identity in the forward pass and multiplies the gradient in the backward
+    pass; the backward pass (:class:`~unitscale_fx.passes.scale_backward.UnitScaleBackward`) is the
+    last of the pipeline and inserts nothing else, so this is the graph that
+    ``Config(scale_backward=False)`` builds: the same forward, its exact gradient. It shares
+    parameters, buffers and submodules with ``gm`` (the factors' own nodes are left, unused).
+    """
+    import torch.fx as fx
+
+    from .runtime import grad_scale
+
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    graph._codegen = gm.graph._codegen
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is grad_scale:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    ref = fx.GraphModule(gm, graph, class_name="UnitScaleExactGradient")
+    ref.train(gm.training)
+    return ref
 
 
 def _same_loss(a: float, b: float) -> bool:
@@ -1353,13 +1407,18 @@ def check_models(
     timeout: float | None = None,
     skip_unavailable: bool | Sequence[bool] = False,
     callback: Callable[[str, str, ModelCheck | None], None] | None = None,
+    threads: int | None = None,
 ) -> CheckReport:
     """Check every model of ``models`` (see :func:`check_model`); results in the given order.
 
-    ``workers > 1`` runs the models in that many processes (``ProcessPoolExecutor``, ``spawn``,
-    ``cpu_count // workers`` torch threads each; a process checks one model after the other, as
-    the sequential run does, and keeps its warm caches); factories given as callables must then be
-    picklable (module-level functions). ``skip_unavailable`` (one flag, or
+    ``workers > 1`` runs the models in that many processes (``ProcessPoolExecutor``, ``spawn``; a
+    process checks one model after the other, as the sequential run does, and keeps its warm
+    caches); factories given as callables must then be picklable (module-level functions).
+    ``threads``: torch intra-op threads per process while checking (``torch.set_num_threads``,
+    restored afterwards). Default ``1``: the check's models are small, most of the time goes to
+    single-threaded Python (capture, analysis), and on a shared CI runner OpenMP threads that wait
+    for each other make the measured steps several times slower. ``0``: torch's default
+    (``cpu_count // workers`` per worker process). ``skip_unavailable`` (one flag, or
     one per model) marks zoo models whose optional dependency is missing as skipped instead of
     failed. ``callback(event, name, result)`` is called with ``("start", name, None)`` and
     ``("done", name, ModelCheck)``.
@@ -1374,19 +1433,30 @@ def check_models(
     results: list[ModelCheck | None] = [None] * len(models)
     cb = callback or (lambda *a: None)
     workers = max(1, int(workers or 1))
+    threads = 1 if threads is None else int(threads)
+    if threads < 0:
+        raise ValueError("threads must be >= 0 (0: torch's default)")
     if workers == 1 or len(models) <= 1:
-        for i, m in enumerate(models):
-            cb("start", _label(m), None)
-            results[i] = check_model(m, criteria=criteria, sizes=sz, strict=strict, timeout=timeout,
-                                     skip_unavailable=skips[i])
-            cb("done", results[i].name, results[i])
+        import torch
+
+        saved_threads = torch.get_num_threads()
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            for i, m in enumerate(models):
+                cb("start", _label(m), None)
+                results[i] = check_model(m, criteria=criteria, sizes=sz, strict=strict, timeout=timeout,
+                                         skip_unavailable=skips[i])
+                cb("done", results[i].name, results[i])
+        finally:
+            torch.set_num_threads(saved_threads)
     else:
         import concurrent.futures as cf
         import importlib
         import multiprocessing as mp
 
         mod = importlib.import_module("unitscale_fx.check")  # not __main__ under python -m
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = threads or max(1, (os.cpu_count() or 1) // workers)
         with cf.ProcessPoolExecutor(max_workers=min(workers, len(models)), mp_context=mp.get_context("spawn"),
                                     initializer=_worker_init, initargs=(threads,)) as pool:
             futs = {}
@@ -1413,7 +1483,7 @@ def check_models(
 # settings: pyproject.toml
 # ------------------------------------------------------------------------------------------------
 
-_SETTING_KEYS = {"models", "zoo", "strict", "workers", "timeout", *_SIZE_KEYS}
+_SETTING_KEYS = {"models", "zoo", "strict", "workers", "threads", "timeout", *_SIZE_KEYS}
 
 
 def find_pyproject(start: str | os.PathLike | None = None) -> Path | None:
@@ -1432,7 +1502,7 @@ def load_settings(start: str | os.PathLike | None = None) -> dict[str, Any]:
     """Checker settings from the nearest ``pyproject.toml`` (see ``docs/check.md``).
 
     Returns ``{"path": str | None, "criteria": {...}, "sizes": {...}, "models": [...], "zoo": ...,
-    "strict": ..., "workers": ..., "timeout": ...}`` with only the keys that are set. Criteria keys
+    "strict": ..., "workers": ..., "threads": ..., "timeout": ...}`` with only the keys that are set. Criteria keys
     are read from ``[tool.unitscale_fx]`` (other keys there are ignored: they belong to other
     tools) and then ``[tool.unitscale_fx.check]`` (where an unknown key is an error).
     """
@@ -1507,6 +1577,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="write JUnit XML (one testcase per model)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="check models in N processes (default 1)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads per process (default 1: fastest for the check's small models, "
+                             "and on shared CI runners; 0: torch's default)")
     parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
                         help="an op without a scale rule makes the transform raise MissingRuleError "
                              "(default: reported, model fails coverage, the rest is still measured)")
@@ -1592,9 +1665,13 @@ def run(args: argparse.Namespace) -> int:
             return 2
         strict = bool(args.strict if args.strict is not None else settings.get("strict", False))
         workers = int(args.workers if args.workers is not None else settings.get("workers", 1))
+        threads = getattr(args, "threads", None)
+        threads = int(threads if threads is not None else settings.get("threads", 1))
         timeout = args.timeout if args.timeout is not None else settings.get("timeout")
         if workers < 1:
             raise ValueError("--workers must be >= 1")
+        if threads < 0:
+            raise ValueError("--threads must be >= 0 (0: torch's default)")
     except (ValueError, TypeError, OSError) as e:
         print(f"unitscale-fx check: {e}", file=sys.stderr)
         return 2
@@ -1602,7 +1679,7 @@ def run(args: argparse.Namespace) -> int:
     cb, ctx = _progress(len(models), bool(getattr(args, "quiet", False)))
     with ctx:
         report = check_models(models, criteria=crit, sizes=sizes, strict=strict, workers=workers,
-                              timeout=timeout, skip_unavailable=skips, callback=cb)
+                              timeout=timeout, skip_unavailable=skips, callback=cb, threads=threads)
     report.render()
     try:
         if args.json_file:

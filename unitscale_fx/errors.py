@@ -14,6 +14,8 @@ __all__ = [
     "ConfigError",
     "PassError",
     "AlreadyTransformedError",
+    "InputMismatchError",
+    "user_frame_of_exception",
 ]
 
 
@@ -29,6 +31,41 @@ def _user_frame(stack_trace: str | None) -> str | None:
             code = lines[idx + 1] if idx + 1 < len(lines) and not lines[idx + 1].startswith('File "') else ""
             return f"{frame}\n    {code}".rstrip()
     return frames[-1] if frames else None
+
+
+def _is_library_file(filename: str) -> bool:
+    """torch, unitscale_fx, the standard library and generated code (``<string>``)."""
+    import os
+
+    f = filename.replace("\\", "/")
+    if "/torch/" in f or "/unitscale_fx/" in f or f.startswith("<"):
+        return True
+    stdlib = os.path.dirname(os.__file__).replace("\\", "/") + "/"
+    return f.startswith(stdlib) and "/site-packages/" not in f
+
+
+def user_frame_of_exception(exc: BaseException) -> tuple[str | None, str | None]:
+    """``(where, next_call)`` for the innermost frame of ``exc``'s traceback in user code.
+
+    ``where`` is ``'File "x.py", line N, in f\n    code'`` (``None`` when every frame is in
+    torch / unitscale_fx / the standard library); ``next_call`` is the name of the library function that
+    frame called (what failed, e.g. ``guard_bool`` for a Python ``if`` on a tensor).
+    """
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else []
+    idx = None
+    for i, fr in enumerate(frames):
+        if not _is_library_file(fr.filename):
+            idx = i
+    if idx is None:
+        return None, None
+    fr = frames[idx]
+    where = f'File "{fr.filename}", line {fr.lineno}, in {fr.name}'
+    if fr.line:
+        where += f"\n    {fr.line.strip()}"
+    later = [f.name for f in frames[idx + 1:]]
+    return where, ",".join(later) if later else None
 
 
 def describe_node(node: Any) -> str:
@@ -56,6 +93,15 @@ class ConfigError(UnitScaleError, ValueError):
 
 class CaptureError(UnitScaleError):
     """``torch.export`` could not capture the model as one graph."""
+
+
+class InputMismatchError(CaptureError, ValueError):
+    """A call does not fit the captured graph: other arguments than at capture, a different
+    non-tensor value (baked into the graph), or a dimension outside the captured range.
+
+    A subclass of :class:`CaptureError` (and of ``ValueError``); the message names the argument,
+    what the graph was captured with, and the fix.
+    """
 
 
 class MissingRuleError(UnitScaleError):

@@ -8,6 +8,7 @@ given), runs the pipeline, and from then on calls the rewritten graph (compiled 
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -15,26 +16,111 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .config import Config
-from .errors import AlreadyTransformedError
+from .errors import AlreadyTransformedError, InputMismatchError
 
 __all__ = ["UnitScaledModule"]
+
+_MISSING = object()
+
+
+def _refuse_transformed(model: nn.Module) -> None:
+    """Raise :class:`AlreadyTransformedError` if ``model`` or a submodule is already unit-scaled."""
+    if isinstance(model, UnitScaledModule):
+        raise AlreadyTransformedError(
+            "this model is already unit-scaled (unitscale_fx.transform was called on it); "
+            "transform the original model once"
+        )
+    if getattr(model, "_unitscale_fx_transformed", False):
+        raise AlreadyTransformedError(
+            f"{type(model).__name__} has already been transformed by unitscale_fx; "
+            "its parameters were re-initialised and are shared with the first result. "
+            "Use that result, or transform a fresh copy of the model."
+        )
+    for name, sub in model.named_modules():
+        if not name:
+            continue
+        if isinstance(sub, UnitScaledModule) or getattr(sub, "_unitscale_fx_transformed", False):
+            raise AlreadyTransformedError(
+                f"submodule {name!r} ({type(sub).__name__}) of {type(model).__name__} is already unit-scaled; "
+                "transforming the outer model would scale it twice. Transform the outer model built from the "
+                "original (untransformed) submodules instead."
+            )
+
+
+# nn.Module dicts restored (same dict objects, old contents) when a transform fails
+_MODULE_DICTS = (
+    "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_forward_hooks",
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+class _Transaction:
+    """Snapshot of everything a transform could touch in a model; restored if the transform fails.
+
+    Per module: the training flag, the other attributes in ``__dict__`` (by identity, and the
+    contents of lists / dicts / sets), and the contents of the parameter / buffer / submodule /
+    hook dicts. Per parameter: ``requires_grad`` and ``.grad``. Buffer values are cloned (export runs on fake tensors, so a captured BatchNorm
+    must not move its running statistics). Parameter values are not cloned here: no pass writes
+    them; the unit re-initialisation runs last and restores what it wrote if it fails
+    (:func:`unitscale_fx.api._apply_init_atomic`).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.mods = list(model.modules())
+        self.attrs = [dict(m.__dict__) for m in self.mods]
+        self.dicts = [{k: copy.copy(getattr(m, k)) for k in _MODULE_DICTS if hasattr(m, k)} for m in self.mods]
+        # the user's own containers (a forward that appends to a list during capture)
+        self.containers = [(v, copy.copy(v)) for attrs in self.attrs for k, v in attrs.items()
+                           if k not in _MODULE_DICTS and type(v) in (list, dict, set)]
+        params = {id(p): p for m in self.mods for p in m._parameters.values() if p is not None}
+        self.params = [(p, p.requires_grad, p.grad) for p in params.values()]
+        bufs = {id(b): b for m in self.mods for b in m._buffers.values() if b is not None}
+        with torch.no_grad():
+            self.bufs = [(b, b.detach().clone()) for b in bufs.values() if b.device.type != "meta"]
+
+    def restore(self) -> None:
+        for m, attrs, dicts in zip(self.mods, self.attrs, self.dicts):
+            for k in [k for k in m.__dict__ if k not in attrs]:
+                del m.__dict__[k]
+            m.__dict__.update(attrs)  # same objects as before (the training flag included)
+            for k, old in dicts.items():
+                live = attrs[k]  # the very dict / set the module had: old contents back in
+                live.clear()
+                live.update(old)
+        for live, old in self.containers:
+            live.clear()
+            if isinstance(live, list):
+                live.extend(old)
+            else:
+                live.update(old)
+        with torch.no_grad():
+            for p, rg, g in self.params:
+                p.requires_grad_(rg)
+                p.grad = g
+            for b, v in self.bufs:
+                if b.shape == v.shape:
+                    b.copy_(v)
+
+
+def _is_input_check(e: BaseException) -> bool:
+    """Whether ``e`` was raised by export's check of the inputs against the captured graph."""
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in ("_check_input_constraints_for_module", "_check_inputs_match",
+                                          "_check_input_constraints_pre_hook", "reorder_kwargs"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class UnitScaledModule(nn.Module):
     """A unit-scaled view of a model (see :func:`unitscale_fx.transform`)."""
 
     def __init__(self, model: nn.Module, config: Config):
-        if isinstance(model, UnitScaledModule):
-            raise AlreadyTransformedError(
-                "this model is already unit-scaled (unitscale_fx.transform was called on it); "
-                "transform the original model once"
-            )
-        if getattr(model, "_unitscale_fx_transformed", False):
-            raise AlreadyTransformedError(
-                f"{type(model).__name__} has already been transformed by unitscale_fx; "
-                "its parameters were re-initialised and are shared with the first result. "
-                "Use that result, or transform a fresh copy of the model."
-            )
+        _refuse_transformed(model)
         super().__init__()
         object.__setattr__(self, "_us_model", model)
         object.__setattr__(self, "_us_config", config)
@@ -70,12 +156,104 @@ class UnitScaledModule(nn.Module):
         from .api import _run_pipeline
 
         if self._us_result is None:
-            result = _run_pipeline(self._us_model, args, kwargs, self._us_config)
-            object.__setattr__(self, "_us_result", result)
-            object.__setattr__(self._us_model, "_unitscale_fx_transformed", True)
-            self._sync_mode()
-            object.__setattr__(self, "_us_runner", self._make_runner())
+            model = self._us_model
+            # another (lazy) wrapper of the same model may have been prepared since this one was built
+            _refuse_transformed(model)
+            txn = _Transaction(model)
+            try:
+                result = _run_pipeline(model, args, kwargs, self._us_config,
+                                       init_weights=not self.__dict__.get("_us_loaded", False))
+                object.__setattr__(self, "_us_result", result)
+                self._sync_mode()
+                object.__setattr__(self, "_us_runner", self._make_runner())
+            except BaseException:
+                object.__setattr__(self, "_us_result", None)
+                object.__setattr__(self, "_us_runner", None)
+                txn.restore()
+                raise
+            object.__setattr__(model, "_unitscale_fx_transformed", True)
         return self
+
+    # ---------------------------------------------------------------------------- inputs
+    def _conform(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` in the captured calling convention (positional vs keyword).
+
+        A call may pass an argument by position or by keyword, whichever way it was captured, and
+        may leave out an argument whose value equals its default (or was ``None`` at capture).
+        Anything else (an argument that was not given at capture, or one missing now) raises
+        :class:`InputMismatchError`.
+        """
+        cap = self._us_result.capture
+        if len(args) == len(cap.args) and kwargs.keys() == cap.kwargs.keys():
+            return args, kwargs
+        try:
+            sig = inspect.signature(self._us_model.forward)
+            bound = sig.bind(*args, **kwargs)
+            cap_bound = sig.bind(*cap.args, **cap.kwargs)
+        except (TypeError, ValueError) as e:
+            raise InputMismatchError(self._mismatch_message(args, kwargs, str(e))) from e
+        params = sig.parameters
+        if any(params[n].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+               for n in list(bound.arguments) + list(cap_bound.arguments)):
+            raise InputMismatchError(self._mismatch_message(args, kwargs, "*args/**kwargs differ from the capture"))
+        pos_names = list(params)[: len(cap.args)]
+        needed = pos_names + list(cap.kwargs)
+        got = dict(bound.arguments)
+        missing, values = [], {}
+        for n in needed:
+            if n in got:
+                values[n] = got.pop(n)
+                continue
+            captured = cap_bound.arguments.get(n, _MISSING)
+            default = params[n].default
+            if captured is None or (default is not inspect.Parameter.empty and captured is default):
+                values[n] = captured
+            else:
+                missing.append(n)
+        extra = [n for n, v in got.items() if not (v is params[n].default or (v is None and params[n].default is None))]
+        if missing or extra:
+            why = []
+            if missing:
+                why.append(f"missing now: {', '.join(missing)}")
+            if extra:
+                why.append(f"not given at capture: {', '.join(extra)}")
+            raise InputMismatchError(self._mismatch_message(args, kwargs, "; ".join(why)))
+        return tuple(values[n] for n in pos_names), {n: values[n] for n in cap.kwargs}
+
+    def _captured_call(self) -> str:
+        cap = self._us_result.capture
+
+        def show(v: Any) -> str:
+            if isinstance(v, torch.Tensor):
+                return f"Tensor{list(v.shape)}:{str(v.dtype).replace('torch.', '')}"
+            return repr(v) if len(repr(v)) < 40 else type(v).__name__
+        parts = [show(a) for a in cap.args] + [f"{k}={show(v)}" for k, v in cap.kwargs.items()]
+        return f"{type(self._us_model).__name__}({', '.join(parts)})"
+
+    def _mismatch_message(self, args: tuple, kwargs: dict, why: str) -> str:
+        return (
+            f"this call does not fit the graph unitscale_fx captured: {why}\n"
+            f"  captured call: {self._captured_call()}\n"
+            f"  this call: {len(args)} positional argument(s), keywords {sorted(kwargs)}\n"
+            "  fix: call the model with the same arguments as at capture (a tensor may change its batch and "
+            "sequence sizes; e.g. keep passing labels and ignore the loss), or transform with example inputs "
+            "that have the arguments you will pass"
+        )
+
+    def _run(self, args: tuple, kwargs: dict) -> Any:
+        try:
+            return self._us_runner(*args, **kwargs)
+        except (RuntimeError, ValueError, TypeError, AssertionError) as e:
+            if not _is_input_check(e):
+                raise
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputMismatchError(
+                f"this call does not fit the graph unitscale_fx captured: {text}\n"
+                f"  captured call: {self._captured_call()}\n"
+                "  fix: non-tensor arguments (Python numbers, strings, flags) are constants of the captured "
+                "graph: pass the value used at capture, or make it a tensor; a dimension can only vary within "
+                "the range torch.export derived from the model's code (e.g. not beyond a position table)"
+            ) from e
 
     def _make_runner(self):
         gm = self._us_result.gm
@@ -87,9 +265,18 @@ class UnitScaledModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._us_result is None:
             self.prepare(*args, **kwargs)
-        return self._us_runner(*args, **kwargs)
+        args, kwargs = self._conform(args, kwargs)
+        return self._run(args, kwargs)
 
     # ---------------------------------------------------------------------------- nn.Module
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; loading *before* the first call (lazy capture) keeps the
+        loaded values: the capture then plans the unit scales without re-initialising the weights."""
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self._us_result is None:
+            object.__setattr__(self, "_us_loaded", True)
+        return out
+
     def train(self, mode: bool = True) -> "UnitScaledModule":
         super().train(mode)
         self._us_model.training = mode

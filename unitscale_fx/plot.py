@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from .report import Report
 
-__all__ = ["plot_scales", "BANDS"]
+__all__ = ["plot_scales", "BANDS", "is_intermediate"]
 
 #: Representable ranges drawn as horizontal bands: (label, log2 smallest subnormal, log2 largest
 #: finite value, colour), widest first.
@@ -39,10 +39,29 @@ def _pyplot():
     return plt
 
 
-def _series(report: Report, direction: str, source: str) -> tuple[list[int], list[float], list[int]]:
-    """(x, log2 sigma, x of inf/nan) of the activation edges of ``report``."""
+def is_intermediate(node: Any, direction: str) -> bool:
+    """Whether an edge of a transformed graph is a *pre-scale intermediate*: a value or gradient
+    that only exists between an op and the scale the transform put right after it, which no matmul
+    consumes and which ``torch.compile`` fuses away:
+
+    * forward: a value the transform scales right after it (``linear -> mul(1/σ)``: the node carries
+      a ``fwd`` factor but is not itself an inserted scale), and ``grad_scale`` nodes (the
+      identity in the forward pass: a copy of their input);
+    * backward: the gradient arriving at a ``grad_scale`` node, before it is multiplied.
+    """
+    if node.op == "grad_scale":
+        return True
+    return direction == "fwd" and "fwd" in node.factors and node.role is None
+
+
+def _series(report: Report, direction: str, source: str,
+            which: str = "all") -> tuple[list[int], list[float], list[int]]:
+    """(x, log2 sigma, x of inf/nan) of the activation edges of ``report``; ``which``: ``"all"``,
+    ``"main"`` (no pre-scale intermediates) or ``"intermediate"``."""
     xs, ys, bad = [], [], []
     for i, node in enumerate(report.edges()):
+        if which != "all" and (which == "intermediate") != is_intermediate(node, direction):
+            continue
         st = getattr(node, direction)
         v = getattr(st, source) if st is not None else None
         if v is None or v == 0:
@@ -53,6 +72,11 @@ def _series(report: Report, direction: str, source: str) -> tuple[list[int], lis
         xs.append(i)
         ys.append(math.log2(v))
     return xs, ys, bad
+
+
+def _in_band(report: Report, direction: str, source: str, which: str) -> tuple[float | None, int]:
+    ys = _series(report, direction, source, which)[1]
+    return (sum(1 for y in ys if abs(y) <= 1) / len(ys) if ys else None), len(ys)
 
 
 def _layer_of(stack: list[str]) -> str:
@@ -87,7 +111,10 @@ def plot_scales(reports: Report | Sequence[Report], path: str | os.PathLike, *, 
                 dpi: int = 120) -> str:
     """Draw log2 σ of every activation edge, forward (top row) and backward (bottom row), one
     column per report (e.g. original and transformed), over the representable ranges of FP8 E4M3,
-    FP8 E5M2 and FP16. Measured values are dots, predictions a line. Returns ``path``."""
+    FP8 E5M2 and FP16. Measured values are dots, predictions a line; on a transformed graph the
+    pre-scale intermediates (:func:`is_intermediate`, e.g. a matmul's output before the ``× 1/σ``
+    right after it) are drawn as open grey circles, off the line, and left out of the in-band
+    fractions in the titles. Returns ``path``."""
     if isinstance(reports, Report):
         reports = [reports]
     reports = list(reports)
@@ -123,13 +150,21 @@ def plot_scales(reports: Report | Sequence[Report], path: str | os.PathLike, *, 
                 if row == 0 and b1 - b0 >= max(3, n_edges // 40):
                     ax.text((b0 + b1) / 2, lo + 0.3, ".".join(name.split(".")[-2:]),
                             ha="center", va="bottom", fontsize=7, color="0.35", clip_on=True)
-            xs, ys, _ = _series(r, d, "predicted")
+            has_inter = bool(_series(r, d, "predicted", "intermediate")[0] or
+                             (r.measured and _series(r, d, "measured", "intermediate")[0]))
+            src_inter = "measured" if r.measured else "predicted"
+            xi, yi, _ = _series(r, d, src_inter, "intermediate")
+            if xi:
+                ax.scatter(xi, yi, s=10, facecolors="none", edgecolors="0.55", linewidths=0.6, zorder=2,
+                           label="before an inserted scale (fused away)")
+            xs, ys, _ = _series(r, d, "predicted", "main")
             if xs:
                 ax.plot(xs, ys, color="0.25", lw=0.9, alpha=0.9, zorder=2, label="predicted")
             if r.measured:
-                xs, ys, bad = _series(r, d, "measured")
+                xs, ys, bad = _series(r, d, "measured", "main")
                 colour = "tab:blue" if d == "fwd" else "tab:red"
                 ax.scatter(xs, ys, s=9, color=colour, zorder=3, label="measured")
+                bad += _series(r, d, "measured", "intermediate")[2]
                 if bad:
                     ax.scatter(bad, [hi - 0.5] * len(bad), marker="^", color="black", s=20, zorder=4,
                                label="inf / nan")
@@ -141,23 +176,27 @@ def plot_scales(reports: Report | Sequence[Report], path: str | os.PathLike, *, 
             if row == 1:
                 ax.set_xlabel("edge index along the graph (activations, graph order)")
             if row == 0:
-                s = r.summary()["in_band"]
                 src = "measured" if r.measured else "predicted"
-                fb = s["fwd"][src]
-                bb = s["bwd"][src]
                 pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+                (fb, nf), (bb, nb) = _in_band(r, "fwd", src, "main"), _in_band(r, "bwd", src, "main")
                 ax.set_title(f"{r.model}: {r.graph} graph ({src})\n"
-                             f"σ in [1/2, 2]: fwd {pct(fb)}, bwd {pct(bb)} of {n_edges} edges", fontsize=10)
-            ax.legend(loc="lower right", fontsize=7, framealpha=0.85) if (col == ncol - 1) else None
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    seen = {}
-    for h, lab in zip(handles, labels):
-        if lab in ("FP16 range", "FP8 E5M2 range", "FP8 E4M3 range", "σ in [1/2, 2]"):
-            seen.setdefault(lab, h)
-    fig.legend(list(seen.values()), list(seen.keys()), loc="upper center", ncol=len(seen), fontsize=8,
-               frameon=False, bbox_to_anchor=(0.5, 0.995))
+                             f"σ in [1/2, 2]: fwd {pct(fb)} of {nf}, bwd {pct(bb)} of {nb} edges"
+                             + (" (open circles left out)" if has_inter else ""), fontsize=10)
+    # one legend for the whole figure, above it (the axes stay clear for the data)
+    seen: dict[str, Any] = {}
+    for row in axes:
+        for ax in row:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab == "measured":
+                    lab = "measured (fwd)" if ax in axes[0] else "measured (bwd)"
+                seen.setdefault(lab, h)
+    order = ["FP16 range", "FP8 E5M2 range", "FP8 E4M3 range", "σ in [1/2, 2]", "predicted", "measured (fwd)",
+             "measured (bwd)", "before an inserted scale (fused away)", "inf / nan"]
+    labels = [lab for lab in order if lab in seen]
+    fig.legend([seen[lab] for lab in labels], labels, loc="upper center", ncol=min(len(labels), 5), fontsize=8,
+               frameon=False, bbox_to_anchor=(0.5, 1.0))
     fig.suptitle(title or "", y=1.02 if title else None)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     out = os.fspath(path)
     fig.savefig(out, dpi=dpi, bbox_inches="tight")
     plt.close(fig)

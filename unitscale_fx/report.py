@@ -24,6 +24,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from .analysis.evaluate import Evaluator
 from .analysis.record import META_KEY, ScaleRecord, Stat
 
 __all__ = [
@@ -47,184 +48,8 @@ _TEXT_EXPR_NODES = 40
 # expressions: evaluation and printing
 # ============================================================================================
 
-_EULER_GAMMA = 0.5772156649015329
-
-
-def _digamma(x: float) -> float:
-    r = 0.0
-    if x <= 0 and x == math.floor(x):
-        raise ZeroDivisionError("digamma pole")
-    while x < 6.0:
-        r -= 1.0 / x
-        x += 1.0
-    f = 1.0 / (x * x)
-    return r + math.log(x) - 0.5 / x - f * (1 / 12 - f * (1 / 120 - f * (1 / 252 - f * (1 / 240 - f / 132))))
-
-
-def _minmax(fn):
-    return lambda *a: fn(a)
-
-
-_FUNCS: dict[str, Any] = {
-    "exp": math.exp,
-    "log": lambda x, b=None: math.log(x) if b is None else math.log(x) / math.log(b),
-    "Abs": abs,
-    "sin": math.sin,
-    "cos": math.cos,
-    "tan": math.tan,
-    "tanh": math.tanh,
-    "atan": math.atan,
-    "erf": math.erf,
-    "erfc": math.erfc,
-    "gamma": math.gamma,
-    "loggamma": math.lgamma,
-    "floor": math.floor,
-    "ceiling": math.ceil,
-    "sign": lambda x: float((x > 0) - (x < 0)),
-    "Min": _minmax(min),
-    "Max": _minmax(max),
-    "digamma": _digamma,
-    "polygamma": lambda n, x: _digamma(x) if n == 0 else float("nan"),
-    "harmonic": lambda n: _digamma(n + 1.0) + _EULER_GAMMA,
-    "Heaviside": lambda x, h0=0.5: 1.0 if x > 0 else (0.0 if x < 0 else h0),
-}
-
-_RELS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
-
-
-class _Evaluator:
-    """Fast float evaluation of (large, shared) sympy expression DAGs.
-
-    ``sympy.evalf`` on the expressions of deep models is slow (its cost follows the printed tree,
-    which can be exponentially larger than the DAG). This walks each distinct sub-expression once,
-    with ``math`` functions, and caches across calls.
-    """
-
-    def __init__(self, env: Mapping[Any, float]):
-        self.env = {k: float(v) for k, v in env.items()}
-        self.by_name = {str(k): float(v) for k, v in env.items()}
-        self.cache: dict[Any, float | None] = {}
-
-    def __call__(self, expr: Any) -> float | None:
-        if expr is None:
-            return None
-        if isinstance(expr, (int, float)) and not isinstance(expr, bool):
-            return float(expr)
-        try:
-            e = sympy.sympify(expr)
-        except (sympy.SympifyError, TypeError):
-            return None
-        old = sys.getrecursionlimit()
-        try:
-            sys.setrecursionlimit(max(old, 20000))
-            v = self._ev(e)
-        except RecursionError:
-            v = self._slow(e)
-        finally:
-            sys.setrecursionlimit(old)
-        if v is None or isinstance(v, complex):
-            return None
-        return float(v)
-
-    def _slow(self, e: sympy.Basic) -> float | None:
-        try:
-            sub = {s: sympy.Float(self._sym(s)) for s in _Scan().symbols(e) if self._sym(s) is not None}
-            v = complex(e.xreplace(sub).evalf())
-            return v.real if abs(v.imag) < 1e-12 * max(1.0, abs(v.real)) else None
-        except (TypeError, ValueError, OverflowError, AttributeError):
-            return None
-
-    def _sym(self, s: sympy.Symbol) -> float | None:
-        v = self.env.get(s)
-        if v is None:
-            v = self.by_name.get(str(s))
-        return v
-
-    def _ev(self, e: Any) -> float | None:
-        try:
-            return self.cache[e]
-        except KeyError:
-            pass
-        except TypeError:  # unhashable
-            return None
-        v = self._compute(e)
-        if isinstance(v, complex):
-            v = None
-        self.cache[e] = v
-        return v
-
-    def _compute(self, e: Any) -> float | None:
-        if isinstance(e, bool) or e is sympy.true or e is sympy.false:
-            return float(bool(e))
-        if e.is_Number or isinstance(e, sympy.NumberSymbol):
-            try:
-                return float(e)
-            except (TypeError, ValueError, OverflowError):
-                return None
-        if e.is_Symbol:
-            return self._sym(e)
-        if e is sympy.zoo or e is sympy.nan:
-            return float("nan")
-        if e is sympy.oo:
-            return math.inf
-        if e is sympy.S.NegativeInfinity:
-            return -math.inf
-        try:
-            if e.is_Add:
-                total = 0.0
-                for a in e.args:
-                    v = self._ev(a)
-                    if v is None:
-                        return None
-                    total += v
-                return total
-            if e.is_Mul:
-                prod = 1.0
-                for a in e.args:
-                    v = self._ev(a)
-                    if v is None:
-                        return None
-                    prod *= v
-                return prod
-            if e.is_Pow:
-                b, x = self._ev(e.args[0]), self._ev(e.args[1])
-                if b is None or x is None:
-                    return None
-                if b == 0 and x < 0:
-                    return math.inf
-                r = b**x
-                return None if isinstance(r, complex) else float(r)
-            if isinstance(e, sympy.Piecewise):
-                for expr, cond in e.args:
-                    c = self._ev(cond)
-                    if c is None:
-                        return self._slow(e)
-                    if c:
-                        return self._ev(expr)
-                return None
-            if isinstance(e, sympy.core.relational.Relational):
-                a, b = self._ev(e.lhs), self._ev(e.rhs)
-                fn = _RELS.get(e.rel_op)
-                if a is None or b is None or fn is None:
-                    return None
-                return float(fn(a, b))
-            if isinstance(e, (sympy.And, sympy.Or, sympy.Not)):
-                vals = [self._ev(a) for a in e.args]
-                if any(v is None for v in vals):
-                    return None
-                if isinstance(e, sympy.Not):
-                    return float(not vals[0])
-                return float(all(vals) if isinstance(e, sympy.And) else any(vals))
-            fn = _FUNCS.get(type(e).__name__)
-            if fn is not None:
-                args = [self._ev(a) for a in e.args]
-                if any(a is None for a in args):
-                    return None
-                return float(fn(*args))
-        except (ValueError, ZeroDivisionError, OverflowError, TypeError):
-            return None
-        return self._slow(e)
-
+# shared with the analysis: one fast, cached float evaluator of sympy DAGs
+_Evaluator = Evaluator
 
 
 class _Scan:
@@ -974,7 +799,10 @@ def _is_num(v: Any, nullable: bool = True) -> bool:
 
 def validate(d: Mapping[str, Any]) -> None:
     """Check that ``d`` (a parsed report JSON) follows :data:`SCHEMA`; raise ``ValueError`` naming
-    the first offending field. The layout is documented in ``docs/report_schema.md``."""
+    the first offending field. The layout is documented in ``docs/report_schema.md``.
+
+    Every documented key must be there with its type; keys this version does not know are accepted
+    (within a schema version keys are only ever added, so a newer writer's file still validates)."""
 
     def fail(where: str, why: str) -> None:
         raise ValueError(f"report JSON, {where}: {why}")
@@ -997,7 +825,7 @@ def validate(d: Mapping[str, Any]) -> None:
     def stat(where: str, st: Any) -> None:
         if st is None:
             return
-        if not isinstance(st, Mapping) or set(st) != {"expr", "predicted", "measured"}:
+        if not isinstance(st, Mapping) or not {"expr", "predicted", "measured"} <= set(st):
             fail(where, 'expected {"expr", "predicted", "measured"}')
         if not isinstance(st["expr"], (str, type(None))):
             fail(f"{where}.expr", "expected a string or null")
@@ -1014,9 +842,7 @@ def validate(d: Mapping[str, Any]) -> None:
         missing = set(_NODE_FIELDS) - set(n)
         if missing:
             fail(where, f"missing fields {sorted(missing)}")
-        extra = set(n) - set(_NODE_FIELDS) - {"outputs"}
-        if extra:
-            fail(where, f"unknown fields {sorted(extra)}")
+        # keys are only ever added within a schema version: unknown ones are a newer writer's
         where = f"nodes[{i}] ({n['name']})"
         for k, t in _NODE_FIELDS.items():
             if not isinstance(n[k], t) or (k == "index" and isinstance(n[k], bool)):
@@ -1033,22 +859,23 @@ def validate(d: Mapping[str, Any]) -> None:
         stat(f"{where}.fwd", n["fwd"])
         stat(f"{where}.bwd", n["bwd"])
         for k, f in n["factors"].items():
-            if k not in ("fwd", "bwd", "grad") or not isinstance(f, Mapping) or set(f) != {"expr", "value"}:
-                fail(f"{where}.factors.{k}", 'expected key fwd/bwd/grad with {"expr", "value"}')
+            if not isinstance(f, Mapping) or not {"expr", "value"} <= set(f):
+                fail(f"{where}.factors.{k}", 'expected {"expr", "value"}')
             if not isinstance(f["expr"], str) or not _is_num(f["value"]):
                 fail(f"{where}.factors.{k}", "expected a string expr and a numeric (or null) value")
         if n["headroom"] is not None:
             if not d["measured"]:
                 fail(f"{where}.headroom", "headroom in a report with measured = false")
             for direction, fmts in n["headroom"].items():
-                if direction not in _DIRS or set(fmts) != set(FORMATS):
+                if direction not in _DIRS or not isinstance(fmts, Mapping) or not set(FORMATS) <= set(fmts):
                     fail(f"{where}.headroom.{direction}", f"expected fwd/bwd with formats {FORMATS}")
-                for fmt, h in fmts.items():
-                    if set(h) != {"underflow", "overflow"} or not all(
-                            _is_num(v, False) and 0.0 <= float(v) <= 1.0 for v in h.values()):
+                for fmt in FORMATS:
+                    h = fmts[fmt]
+                    if not isinstance(h, Mapping) or not {"underflow", "overflow"} <= set(h) or not all(
+                            _is_num(h[k], False) and 0.0 <= float(h[k]) <= 1.0 for k in ("underflow", "overflow")):
                         fail(f"{where}.headroom.{direction}.{fmt}", "expected underflow/overflow fractions in [0, 1]")
         for j, o in enumerate(n.get("outputs") or ()):
-            if not isinstance(o, Mapping) or set(o) != {"shape", "fwd", "bwd"}:
+            if not isinstance(o, Mapping) or not {"shape", "fwd", "bwd"} <= set(o):
                 fail(f"{where}.outputs[{j}]", 'expected {"shape", "fwd", "bwd"}')
             stat(f"{where}.outputs[{j}].fwd", o["fwd"])
             stat(f"{where}.outputs[{j}].bwd", o["bwd"])
