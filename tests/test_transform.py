@@ -245,3 +245,25 @@ def test_t5_masked_position_bias_has_a_rule():
     assert [m.op for m in res.missing] == []
     kinds = sorted(n.meta["_us_attention"]["kind"] for n in res.gm.graph.nodes if "_us_attention" in n.meta)
     assert kinds == ["causal", "full", "full"]  # decoder self, encoder self, cross attention
+
+
+def test_constants_lifted_onto_submodules_stay_in_the_graph_module():
+    """Falcon creates a tensor in a submodule's forward; export lifts it onto its copy of that
+    submodule. The transform keeps it on the graph module and adds nothing to the user's modules."""
+    model, kw = zoo.get("falcon", hidden=32, layers=1, heads=2, seq=8, batch=2, vocab=64)
+    attrs = {n: set(vars(m)) for n, m in model.named_modules()}
+    m = unitscale_fx.transform(model, example_inputs=kw, config=EAGER)
+    loss = _loss(m(**kw))
+    loss.backward()
+    assert torch.isfinite(loss)
+    changed = {n: set(vars(mod)) ^ attrs[n] for n, mod in model.named_modules() if set(vars(mod)) != attrs[n]}
+    assert set(changed) <= {""} and changed.get("", {"_unitscale_fx_transformed"}) == {"_unitscale_fx_transformed"}
+
+
+@pytest.mark.parametrize("name", ["bloom", "deberta_v2", "falcon"])
+def test_every_op_has_a_rule(name):
+    """Ops these families write differently: ALiBi through ``baddbmm`` (bloom), ``masked_fill``
+    with the dtype's lowest value and in-place adds (DeBERTa), ``numpy_T`` and ``add_`` (Falcon)."""
+    model, kw = zoo.get(name, hidden=32, layers=1, heads=2, seq=8, batch=2, vocab=64)
+    res = unitscale_fx.analyse(model, kw)
+    assert [(m.node, m.op) for m in res.missing] == []

@@ -79,7 +79,29 @@ def build_passes(config: Config):
 
 
 def _bind(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Make ``gm`` read parameters, buffers and submodules from ``model`` itself."""
+    """Make ``gm`` read parameters, buffers and submodules from ``model`` itself.
+
+    Constants that export lifted onto *its copy* of a submodule (``encoder.lifted_tensor_0``: a
+    tensor created in ``forward``) are not on the user's submodule: they move to ``gm`` itself
+    (the user's modules are never given new attributes).
+    """
+    own = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    own |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in own or "." not in node.target:
+            continue
+        try:
+            model.get_submodule(node.target)
+            continue  # a submodule of the user's model
+        except AttributeError:
+            pass
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        flat = "_us_const_" + node.target.replace(".", "_")
+        object.__setattr__(gm, flat, value) if not isinstance(value, nn.Module) else gm.add_module(flat, value)
+        node.target = flat
+    gm.recompile()
     for name, mod in model._modules.items():
         gm._modules[name] = mod
     gm._parameters = model._parameters

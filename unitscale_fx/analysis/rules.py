@@ -95,7 +95,7 @@ def _numel_ratio_grad(ctx: RuleContext, g: Stat) -> dict:
 
 
 _VIEW_OPS = [
-    aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.transpose, aten.t,
+    aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.transpose, aten.t, aten.numpy_T,
     aten.unsqueeze, aten.squeeze, aten.flatten, aten.unflatten, aten.contiguous, aten.clone,
     aten.alias, aten.view_as, aten.reshape_as, aten.movedim, aten.swapaxes, aten.lift_fresh_copy,
     aten.roll, aten.flip, aten.expand_as if hasattr(aten, "expand_as") else aten.alias_copy,
@@ -534,11 +534,13 @@ def _binary_bwd(kind: str):
     return backward
 
 
+# the in-place forms appear in training-IR graphs on fresh intermediates (HF's ``x += bias``): the
+# value they produce follows the same rule
 for _k, _ops in {
-    "add": (aten.add,),
-    "sub": (aten.sub, aten.rsub) if False else (aten.sub,),
-    "mul": (aten.mul,),
-    "div": (aten.div,),
+    "add": (aten.add, aten.add_),
+    "sub": (aten.sub, aten.sub_),
+    "mul": (aten.mul, aten.mul_),
+    "div": (aten.div, aten.div_),
 }.items():
     register(*_ops, name=_k, kind="add" if _k in ("add", "sub") else "mul", backward=_binary_bwd(_k))(_binary_fwd(_k))
 
@@ -586,11 +588,12 @@ def _masked_fill_fwd(ctx: RuleContext) -> Stat:
     value = ctx.arg("value")
     mask = ctx.const("mask")
     frac_kept = 1.0 - float(mask.float().mean()) if isinstance(mask, torch.Tensor) else 1.0
-    if isinstance(value, (int, float)) and math.isfinite(value) and value != 0:
-        raise Unsupported("masked_fill with a finite non-zero value")
-    if isinstance(value, (int, float)) and not math.isfinite(value):
-        # attention-score masking: the statistics describe the entries that stay finite
+    if isinstance(value, (int, float)) and (not math.isfinite(value) or abs(value) > 1e30):
+        # attention-score masking (-inf or the dtype's lowest value, as HF writes it): the
+        # statistics describe the entries that are not masked out
         return Stat(s.rms, s.corr, s.mean)
+    if isinstance(value, (int, float)) and value != 0:
+        raise Unsupported("masked_fill with a finite non-zero value")
     return Stat(s.rms * math.sqrt(frac_kept), s.corr, s.mean * frac_kept)
 
 
@@ -726,26 +729,30 @@ register(aten.linear, name="linear", kind="matmul", backward=_linear_bwd)(_linea
 
 
 def _addmm_fwd(ctx: RuleContext) -> Stat:
-    sb = _require(ctx.stat("input"))
-    s1, s2 = _require(ctx.stat("mat1")), _require(ctx.stat("mat2"))
+    # positions, not names: addmm calls its operands (self, mat1, mat2), baddbmm (self, batch1, batch2)
+    sb = _require(ctx.stat(0))
+    s1, s2 = _require(ctx.stat(1)), _require(ctx.stat(2))
     beta, alpha = sympy.sympify(ctx.arg("beta", 1)), sympy.sympify(ctx.arg("alpha", 1))
-    k = ctx.shape("mat1")[-1]
+    k = ctx.shape(1)[-1]
     mm2 = alpha**2 * k * s1.rms**2 * s2.rms**2
     rms2 = mm2 + beta**2 * sb.rms**2
-    corr = _safe_div(mm2 * s1.corr + beta**2 * sb.rms**2, rms2)
+    # a bias broadcast over the rows is the same for every token (correlation 1); a full-size
+    # input (ALiBi scores in baddbmm) keeps its own correlation
+    bc = ONE if len(ctx.shape(0)) < len(ctx.shape()) or ctx.shape(0)[-2:-1] in ([], [ONE]) else sb.corr
+    corr = _safe_div(mm2 * s1.corr + beta**2 * sb.rms**2 * bc, rms2)
     return Stat(sympy.sqrt(rms2), _clip01(corr), ZERO)
 
 
 def _addmm_bwd(ctx: RuleContext, g: Stat) -> dict:
-    s1, s2 = _require(ctx.stat("mat1")), _require(ctx.stat("mat2"))
+    s1, s2 = _require(ctx.stat(1)), _require(ctx.stat(2))
     alpha, beta = sympy.sympify(ctx.arg("alpha", 1)), sympy.sympify(ctx.arg("beta", 1))
-    n = ctx.shape("mat2")[-1]
-    rows = ctx.shape("mat1")[0]
-    out = {"mat1": Stat(g.rms * sympy.Abs(alpha) * sympy.sqrt(n) * s2.rms, g.corr),
-           "mat2": Stat(g.rms * sympy.Abs(alpha) * sympy.sqrt(rows) * s1.rms, ZERO)}
-    if ctx.is_tensor("input"):
-        ratio = _safe_div(ctx.numel(), ctx.numel("input"))
-        out["input"] = Stat(g.rms * sympy.Abs(beta) * sympy.sqrt(ratio), ZERO)
+    n = ctx.shape(2)[-1]
+    rows = ctx.shape(1)[-2]
+    out = {ctx.name_of(1): Stat(g.rms * sympy.Abs(alpha) * sympy.sqrt(n) * s2.rms, g.corr),
+           ctx.name_of(2): Stat(g.rms * sympy.Abs(alpha) * sympy.sqrt(rows) * s1.rms, ZERO)}
+    if ctx.is_tensor(0):
+        ratio = _safe_div(ctx.numel(), ctx.numel(0))
+        out[ctx.name_of(0)] = Stat(g.rms * sympy.Abs(beta) * sympy.sqrt(ratio), ZERO)
     return out
 
 
@@ -1339,7 +1346,8 @@ register(aten.arange, aten.zeros, aten.ones, aten.full, aten.zeros_like, aten.on
          aten.triu, aten.cumsum, aten.tensor if hasattr(aten, "tensor") else aten.empty,
          name="constant", kind="other")(_const_fwd)
 
-for _op in (aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.transpose, aten.t, aten.unsqueeze,
+for _op in (aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.transpose, aten.t, aten.numpy_T,
+            aten.unsqueeze,
             aten.squeeze, aten.flatten, aten.unflatten, aten.contiguous, aten.clone, aten.alias, aten.to,
             aten._to_copy, aten.expand, aten.slice, aten.select):
     _PASS_THROUGH.add(_op)
