@@ -1,6 +1,6 @@
 """Scale rules for aten ops: the one place where an op's effect on scale is written down.
 
-Conventions (see docs/scale_rules.md): every tensor is summarised by a
+Conventions (see docs/design.md, "The analysis"): every tensor is summarised by a
 :class:`~unitscale_fx.analysis.record.Stat` (RMS, mean, cross-token correlation). Rules assume
 that, at initialisation, different weights are independent of each other and of the activations,
 and that the operands of a binary op are independent unless they are elementwise functions of the
