@@ -183,8 +183,14 @@ class UnitScaledModule(nn.Module):
         Anything else (an argument that was not given at capture, or one missing now) raises
         :class:`InputMismatchError`.
         """
+        # the captured convention as plain values (reading the captured example tensors here would
+        # make a torch.compile of this wrapper guard on them and recompile for every new shape)
+        shape = self.__dict__.get("_us_call_shape")
         cap = self._us_result.capture
-        if len(args) == len(cap.args) and kwargs.keys() == cap.kwargs.keys():
+        if shape is None or shape[0] is not cap:
+            shape = (cap, len(cap.args), frozenset(cap.kwargs))
+            object.__setattr__(self, "_us_call_shape", shape)
+        if len(args) == shape[1] and frozenset(kwargs) == shape[2]:
             return args, kwargs
         try:
             sig = inspect.signature(self._us_model.forward)

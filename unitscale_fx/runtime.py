@@ -10,12 +10,15 @@
 """
 from __future__ import annotations
 
+import itertools
+import linecache
 import math
-from typing import Any
+from typing import Any, Callable
 
 import sympy
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["grad_scale", "scale_value", "dropout", "ModeFlag", "compile_expr"]
 
@@ -53,73 +56,144 @@ def dropout(x: torch.Tensor, p: float, mode: ModeFlag) -> torch.Tensor:
     return F.dropout(x, p, mode.training)
 
 
-_FUNCS = {
-    sympy.exp: torch.exp,
-    sympy.log: torch.log,
-    sympy.sqrt: torch.sqrt,
-    sympy.Abs: torch.abs,
+#: sympy function -> name of the torch function computing it on a float64 tensor.
+_FUNCS: dict[Any, str] = {
+    sympy.exp: "torch.exp",
+    sympy.log: "torch.log",
+    sympy.sqrt: "torch.sqrt",
+    sympy.Abs: "torch.abs",
 }
+_EULER_GAMMA = 0.5772156649015329
 
 
-def compile_expr(expr: sympy.Expr, symbols: list[sympy.Symbol]):
-    """A function ``f(*sizes) -> 0-d float64 tensor`` evaluating ``expr`` with torch ops."""
+def _lit(c: float) -> str:
+    """A float as a Python literal (``inf``/``nan`` spelled so that they parse)."""
+    return repr(c) if math.isfinite(c) else f"float('{c}')"
 
-    def ev(e: sympy.Expr, env: dict) -> torch.Tensor:
-        if e.is_Number:
-            return torch.tensor(float(e), dtype=torch.float64)
-        if e.is_Symbol:
-            return env[e]
-        if e.is_Add:
-            out = ev(e.args[0], env)
-            for a in e.args[1:]:
-                out = out + ev(a, env)
-            return out
-        if e.is_Mul:
-            out = ev(e.args[0], env)
-            for a in e.args[1:]:
-                out = out * ev(a, env)
-            return out
-        if e.is_Pow:
-            base, exp = e.args
-            b = ev(base, env)
-            if exp.is_Number:
-                return b ** float(exp)
-            return b ** ev(exp, env)
-        if isinstance(e, sympy.polygamma) and e.args[0] == 0:
-            return torch.special.digamma(ev(e.args[1], env))
-        if isinstance(e, sympy.harmonic) and len(e.args) == 1:
-            return torch.special.digamma(ev(e.args[0], env) + 1) + 0.5772156649015329
-        if isinstance(e, sympy.Max):
-            out = ev(e.args[0], env)
-            for a in e.args[1:]:
-                out = torch.maximum(out, ev(a, env))
-            return out
-        if isinstance(e, sympy.Min):
-            out = ev(e.args[0], env)
-            for a in e.args[1:]:
-                out = torch.minimum(out, ev(a, env))
-            return out
-        fn = _FUNCS.get(type(e)) or _FUNCS.get(e.func)
-        if fn is not None:
-            return fn(ev(e.args[0], env))
-        # anything else: evaluate numerically through sympy at trace time (shape-independent)
-        if not e.free_symbols:
-            return torch.tensor(float(e.evalf()), dtype=torch.float64)
-        raise NotImplementedError(f"cannot compile scale expression {e} ({type(e).__name__})")
 
-    def f(*sizes: Any) -> torch.Tensor:
-        env = {
-            s: (torch.scalar_tensor(v, dtype=torch.float64) if not isinstance(v, torch.Tensor) else v.double())
-            for s, v in zip(symbols, sizes)
-        }
-        return ev(expr, env)
+def _const(e: sympy.Expr) -> str:
+    return _lit(float(e.evalf()))
 
-    return f
+
+def _source(e: sympy.Expr, names: dict[sympy.Symbol, str]) -> str:
+    """Python source of ``e``: torch ops on the float64 size tensors ``names`` and float literals.
+
+    Every sub-expression without free symbols is folded to a float *literal*, so the generated
+    function holds no sympy object and no float read from a closure or a global: under
+    ``torch.compile(dynamic=True)`` a float read from an object would become a symbolic float
+    input (and force a restart of the analysis), a literal stays a constant. Every sub-expression
+    with free symbols evaluates to a tensor.
+    """
+    if not e.free_symbols:
+        return _const(e)
+    if e.is_Symbol:
+        return names[e]
+    if e.is_Add or e.is_Mul:
+        op = " + " if e.is_Add else " * "
+        const = [a for a in e.args if not a.free_symbols]
+        parts = [_source(a, names) for a in e.args if a.free_symbols]
+        if const:
+            c = float((sympy.Add if e.is_Add else sympy.Mul)(*const).evalf())
+            if c != (0.0 if e.is_Add else 1.0):
+                parts.append(_lit(c))
+        return "(" + op.join(parts) + ")"
+    if e.is_Pow:
+        base, exp = e.args
+        b = _source(base, names)
+        if exp.free_symbols:
+            return f"torch.pow({b}, {_source(exp, names)})"
+        p = float(exp.evalf())
+        special = {0.5: "torch.sqrt", -0.5: "torch.rsqrt", -1.0: "torch.reciprocal"}
+        if p in special:
+            return f"{special[p]}({b})"
+        if p == 1.0:
+            return b
+        return f"torch.pow({b}, {_lit(p)})"
+    if isinstance(e, sympy.polygamma) and e.args[0] == 0:
+        return f"torch.special.digamma({_source(e.args[1], names)})"
+    if isinstance(e, sympy.harmonic) and len(e.args) == 1:
+        return f"(torch.special.digamma({_source(e.args[0], names)} + 1.0) + {_EULER_GAMMA!r})"
+    if isinstance(e, (sympy.Max, sympy.Min)):
+        is_max = isinstance(e, sympy.Max)
+        const = [a for a in e.args if not a.free_symbols]
+        parts = [_source(a, names) for a in e.args if a.free_symbols]
+        out = parts[0]
+        for p in parts[1:]:
+            out = f"torch.{'maximum' if is_max else 'minimum'}({out}, {p})"
+        if const:
+            c = float((sympy.Max if is_max else sympy.Min)(*const).evalf())
+            out = f"torch.{'clamp_min' if is_max else 'clamp_max'}({out}, {_lit(c)})"
+        return out
+    fn = _FUNCS.get(type(e)) or _FUNCS.get(e.func)
+    if fn is not None:
+        return f"{fn}({_source(e.args[0], names)})"
+    raise NotImplementedError(f"cannot compile scale expression {e} ({type(e).__name__})")
+
+
+_N_COMPILED = itertools.count()
+
+
+def compile_expr(expr: sympy.Expr, symbols: list[sympy.Symbol]) -> Callable[..., torch.Tensor]:
+    """A function ``f(*sizes) -> 0-d float64 tensor`` evaluating ``expr`` with torch ops.
+
+    ``sizes`` are ints (eager) or ``SymInt`` s (under ``torch.compile(dynamic=True)``), one per
+    symbol of ``symbols``. The expression is turned into Python source once, here (see
+    :func:`_source`), so that ``torch.compile`` traces it as a few tensor ops on the sizes, with
+    ``fullgraph=True``, and the eager graph pays no sympy evaluation per call.
+    """
+    e = sympy.sympify(expr)
+    names = {s: f"x{i}" for i, s in enumerate(symbols)}
+    params = ", ".join(names[s] for s in symbols)
+    lines = [f"def scale_expr({params}):", f"    # {e}"]
+    lines += [f"    {n} = _as_f64({n})" for n in names.values()]
+    body = _source(e, names)
+    if not e.free_symbols:
+        body = f"torch.tensor({body}, dtype=torch.float64)"
+    lines.append(f"    return {body}")
+    code = "\n".join(lines) + "\n"
+    filename = f"<unitscale_fx scale expression {next(_N_COMPILED)}>"
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    namespace: dict[str, Any] = {"torch": torch, "_as_f64": _as_f64}
+    exec(compile(code, filename, "exec"), namespace)  # noqa: S102 - source generated above from sympy
+    return namespace["scale_expr"]
+
+
+def _as_f64(v: Any) -> torch.Tensor:
+    """A size (int, ``SymInt`` or tensor) as a 0-d float64 tensor."""
+    if isinstance(v, torch.Tensor):
+        return v.double()
+    return torch.scalar_tensor(v, dtype=torch.float64)
 
 
 def scale_value(key: int, *sizes: Any) -> torch.Tensor:
-    """Evaluate registered scale expression ``key`` at runtime sizes (see ``compile_expr``)."""
+    """Evaluate registered scale expression ``key`` at runtime sizes (see ``compile_expr``).
+
+    Eagerly (plain int sizes, no ``torch.compile`` tracing, no fake/dispatch mode, not in
+    inference mode) the 0-d result is memoised per ``(key, sizes)``, so the eager graph does not
+    recompute every scale value at every call. Under ``torch.compile`` the expression is always
+    traced (sizes stay symbolic).
+    """
+    if (
+        not torch.compiler.is_compiling()
+        and all(type(s) is int for s in sizes)
+        and not torch.is_inference_mode_enabled()
+        and _get_current_dispatch_mode() is None
+    ):
+        k = (key, sizes)
+        v = _VALUES.get(k)
+        if v is None:
+            v = _EXPRS[key](*sizes)
+            if type(v) is torch.Tensor and not v.requires_grad:  # never cache fake/functional tensors
+                if len(_VALUES) >= _MAX_VALUES:
+                    _VALUES.clear()
+                _VALUES[k] = v
+        return v
     return _EXPRS[key](*sizes)
+
+
+#: eager memo of :func:`scale_value` (0-d float64 CPU tensors), bounded
+_VALUES: dict[tuple, torch.Tensor] = {}
+_MAX_VALUES = 65536
 
 
 _EXPRS: dict[int, Any] = {}
