@@ -198,6 +198,14 @@ def test_op_without_rule_is_reported_with_source_line(odd_op):
     assert any("test_transform.py" in (m.source or "") for m in res.missing)
 
 
+def test_non_strict_transform_warns_with_op_and_source_line(odd_op):
+    with pytest.warns(unitscale_fx.MissingRuleWarning) as record:
+        m = unitscale_fx.transform(_Odd(), example_inputs=(torch.randn(4, 16),), config=EAGER)
+    msg = str(record[0].message)
+    assert "unitscale_test.odd" in msg and "test_transform.py" in msg
+    assert [x.op for x in m.result.missing if "odd" in x.op]  # and the result lists it too
+
+
 def test_strict_mode_raises_missing_rule_error(odd_op):
     with pytest.raises(unitscale_fx.MissingRuleError) as e:
         unitscale_fx.transform(_Odd(), example_inputs=(torch.randn(4, 16),), config=EAGER.replace(strict=True))

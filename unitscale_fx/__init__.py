@@ -12,6 +12,7 @@ from .errors import (
     ConfigError,
     InputMismatchError,
     MissingRuleError,
+    MissingRuleWarning,
     PassError,
     UnitScaleError,
 )
@@ -23,6 +24,6 @@ __all__ = [
     "transform", "analyse", "Config", "UnitScaledModule", "TransformResult", "AnalysisResult",
     "ScaleProbe", "ProbeResult", "measure_step", "META_KEY", "ScaleRecord", "Stat",
     "UnitScaleError", "CaptureError", "ConfigError", "MissingRuleError", "PassError",
-    "AlreadyTransformedError", "InputMismatchError", "track",
+    "AlreadyTransformedError", "InputMismatchError", "MissingRuleWarning", "track",
 ]
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ import torch.nn as nn
 from .analysis.propagate import GraphAnalysis, MissingOp
 from .capture import Capture, capture, normalize_inputs
 from .config import Config
-from .errors import ConfigError, MissingRuleError
+from .errors import ConfigError, MissingRuleError, MissingRuleWarning
 from .passes.base import PassManager, TransformState
 from .passes.canonicalize import ModeAwareDropout, SplitBias
 from .passes.reinit import PlanInit, apply_init
@@ -160,6 +160,8 @@ def _run_pipeline(model: nn.Module, args: tuple, kwargs: dict, config: Config, *
     final.run_backward()
     if config.strict and final.missing:
         raise MissingRuleError(final.missing_message(), [(m.node, m.op, m.source) for m in final.missing])
+    if final.missing:
+        warnings.warn(final.missing_message(), MissingRuleWarning, stacklevel=4)
     if config.init == "unit" and init_weights:
         _apply_init_atomic(model, state.param_roles)
     return TransformResult(gm=gm, capture=cap, analysis=final, title="transformed", state=state,

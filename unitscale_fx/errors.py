@@ -115,6 +115,14 @@ class MissingRuleError(UnitScaleError):
         self.ops = list(ops or [])
 
 
+class MissingRuleWarning(UserWarning):
+    """Ops without a scale rule were left unscaled (``Config(strict=False)``, the default).
+
+    The message lists each op with its node and source line; ``Config(strict=True)`` raises
+    :class:`MissingRuleError` instead.
+    """
+
+
 class PassError(UnitScaleError):
     """A rewrite pass failed; the message names the pass and the passes that ran before it."""
 

@@ -302,7 +302,7 @@ class GraphAnalysis:
         lines = [f"{len(self.missing)} op(s) have no scale rule:"]
         lines += [f"  - {m}" for m in self.missing]
         lines.append(
-            "Register a rule with unitscale_fx.analysis.register(...) (see docs/rules.md), exclude "
+            "Register a rule with unitscale_fx.analysis.register(...) (see docs/design.md), exclude "
             "the owning module with Config(exclude=(...)), or use strict=False to leave them unscaled."
         )
         return "\n".join(lines)
