@@ -318,9 +318,6 @@ class _BN(nn.Module):
         return self.bn(self.lin(x))
 
 
-@pytest.mark.xfail(strict=True, reason="the graph is captured in train mode and aten.batch_norm keeps training=True: "
-                                       "after eval() BatchNorm still normalises with batch statistics and updates its "
-                                       "running statistics (passes/canonicalize.py makes only dropout mode-aware)")
 def test_batchnorm_follows_eval_mode():
     torch.manual_seed(0)
     model = _BN()
@@ -331,6 +328,9 @@ def test_batchnorm_follows_eval_mode():
         y = m(torch.randn(4, 8))
     assert torch.equal(model.bn.running_mean, torch.full((8,), 3.0))  # running statistics not updated
     assert y.mean(0).abs().min() > 1.0  # normalised with the running mean (3), not the batch's
+    m.train()
+    m(torch.randn(16, 8))
+    assert not torch.equal(model.bn.running_mean, torch.full((8,), 3.0))  # training updates them again
 
 
 # =========================================================================== inputs and outputs

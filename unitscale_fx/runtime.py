@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["grad_scale", "scale_value", "dropout", "ModeFlag", "compile_expr"]
+__all__ = ["grad_scale", "scale_value", "dropout", "batch_norm", "ModeFlag", "compile_expr"]
 
 
 class _GradScale(torch.autograd.Function):
@@ -54,6 +54,14 @@ class ModeFlag(torch.nn.Module):
 def dropout(x: torch.Tensor, p: float, mode: ModeFlag) -> torch.Tensor:
     """``F.dropout`` that follows ``mode.training``."""
     return F.dropout(x, p, mode.training)
+
+
+def batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+               momentum: float, eps: float, mode: ModeFlag) -> torch.Tensor:
+    """``F.batch_norm`` that follows ``mode.training``: batch statistics (and running-statistics
+    updates) in training, the running statistics in evaluation."""
+    return F.batch_norm(x, running_mean, running_var, weight, bias, mode.training, momentum, eps)
 
 
 #: sympy function -> name of the torch function computing it on a float64 tensor.

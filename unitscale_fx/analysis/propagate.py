@@ -302,8 +302,9 @@ class GraphAnalysis:
         lines = [f"{len(self.missing)} op(s) have no scale rule:"]
         lines += [f"  - {m}" for m in self.missing]
         lines.append(
-            "Register a rule with unitscale_fx.analysis.register(...) (see docs/design.md), exclude "
-            "the owning module with Config(exclude=(...)), or use strict=False to leave them unscaled."
+            "Register a rule with unitscale_fx.analysis.register(...) (see docs/design.md) or exclude "
+            "the owning module with Config(exclude=(...)); Config(strict=False), the default, leaves them "
+            "unscaled, strict=True raises."
         )
         return "\n".join(lines)
 
