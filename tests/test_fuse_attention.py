@@ -12,7 +12,7 @@ from unitscale_fx import Config
 from unitscale_fx.api import _bind
 from unitscale_fx.capture import capture
 from unitscale_fx.passes.base import PassManager, TransformState
-from unitscale_fx.passes.canonicalize import ModeAwareDropout
+from unitscale_fx.passes.canonicalize import ModeAwareOps
 from unitscale_fx.passes.fuse_attention import FuseAttention
 
 aten = torch.ops.aten
@@ -59,7 +59,7 @@ def _fuse(model, x):
     _bind(gm, model)
     state = TransformState(capture=cap, config=Config(compile=False), hints=dict(cap.hints))
     ref = torch.fx.GraphModule(gm, gm.graph)  # noqa: F841  (same graph object before the pass)
-    gm = PassManager([ModeAwareDropout(), FuseAttention()])(gm, state)
+    gm = PassManager([ModeAwareOps(), FuseAttention()])(gm, state)
     return gm, state.counts.get("fuse_attention", {})
 
 

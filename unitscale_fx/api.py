@@ -16,7 +16,7 @@ from .capture import Capture, capture, normalize_inputs
 from .config import Config
 from .errors import ConfigError, MissingRuleError, MissingRuleWarning
 from .passes.base import PassManager, TransformState
-from .passes.canonicalize import ModeAwareDropout, SplitBias
+from .passes.canonicalize import ModeAwareOps, SplitBias
 from .passes.reinit import PlanInit, apply_init
 from .passes.scale_backward import UnitScaleBackward
 from .passes.scale_forward import UnitScaleForward
@@ -67,7 +67,7 @@ class TransformResult(AnalysisResult):
 
 def build_passes(config: Config):
     """The pipeline, in order. Each pass is a small named unit (see unitscale_fx.passes)."""
-    passes: list = [ModeAwareDropout()]
+    passes: list = [ModeAwareOps()]
     if config.fuse_attention:
         from .passes.fuse_attention import FuseAttention
 

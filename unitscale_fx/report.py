@@ -48,10 +48,6 @@ _TEXT_EXPR_NODES = 40
 # expressions: evaluation and printing
 # ============================================================================================
 
-# shared with the analysis: one fast, cached float evaluator of sympy DAGs
-_Evaluator = Evaluator
-
-
 class _Scan:
     """Free symbols and "has a Float" of sympy expression DAGs, each distinct sub-expression visited
     once (sympy's own ``free_symbols`` / ``has`` walk the tree, exponential on shared DAGs)."""
@@ -104,7 +100,7 @@ class _Scan:
 
 def eval_expr(expr: Any, env: Mapping[Any, float] | None = None) -> float | None:
     """Float value of a sympy expression with symbols bound by ``env`` (``None`` if not numeric)."""
-    return _Evaluator(env or {})(expr)
+    return Evaluator(env or {})(expr)
 
 
 def _num(v: float, digits: int = 4) -> str:
@@ -1231,7 +1227,7 @@ class _Builder:
         env.update({k: float(v) for k, v in (getattr(ga, "symbol_hints", None) or {}).items()})
         env.update({k: float(v) for k, v in (cap.hints or {}).items()})
         env.update({k: float(v) for k, v in (hints or {}).items()})
-        self.ev = _Evaluator(env)
+        self.ev = Evaluator(env)
         self.scan = _Scan()
         self.names = {str(k): str(v) for k, v in (cap.symbol_names or {}).items()}
         self.symbols: dict[str, int] = {}

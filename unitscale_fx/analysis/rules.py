@@ -588,7 +588,7 @@ def _masked_fill_fwd(ctx: RuleContext) -> Stat:
     value = ctx.arg("value")
     mask = ctx.const("mask")
     frac_kept = 1.0 - float(mask.float().mean()) if isinstance(mask, torch.Tensor) else 1.0
-    if isinstance(value, (int, float)) and (not math.isfinite(value) or abs(value) > 1e30):
+    if _is_mask_value(value):
         # attention-score masking (-inf or the dtype's lowest value, as HF writes it): the
         # statistics describe the entries that are not masked out
         return Stat(s.rms, s.corr, s.mean)
@@ -981,14 +981,28 @@ def _att_out_corr(sv: Stat, p2: sympy.Expr) -> sympy.Expr:
     return _clip01(_safe_div(sv.corr + (1 - sv.corr) * sympy.Min(p2, ONE) * sympy.Float(0.5), out2))
 
 
+#: an additive mask value at or below this masks a logit out (-inf, or the dtype's lowest value as HF writes it)
+_MASKED_BELOW = -1e30
+
+
+def _is_mask_value(x: Any) -> bool:
+    """A scalar fill/branch value that masks logits out rather than contributing a value."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and (not math.isfinite(x) or x < _MASKED_BELOW)
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """The boolean 'allowed' form of a boolean or additive mask."""
+    if mask.dtype == torch.bool:
+        return mask
+    m = mask > _MASKED_BELOW
+    return m & torch.isfinite(mask) if mask.is_floating_point() else m
+
+
 def _mask_rows(mask: torch.Tensor | None, sq: int, sk: int) -> tuple[str, torch.Tensor | None]:
-    """Classify a boolean 'allowed' mask of broadcastable shape [..., sq, sk]."""
+    """Classify a boolean or additive mask of broadcastable shape [..., sq, sk]."""
     if mask is None:
         return "full", None
-    m = mask
-    if m.dtype != torch.bool:
-        m = m > -1e30  # additive mask: large negative means masked
-        m = m & torch.isfinite(mask) if mask.is_floating_point() else m
+    m = _allowed(mask)
     m = m.reshape(-1, m.shape[-2], m.shape[-1]) if m.dim() >= 2 else m.reshape(1, 1, -1)
     m = m.expand(m.shape[0], sq, sk) if m.shape[-2] == 1 else m
     if bool(m.all()):
@@ -1119,10 +1133,8 @@ def _split_learned_mask(ctx: RuleContext, node: Any) -> tuple[Stat | None, torch
             if cv is None or cv.dtype != torch.bool:
                 return None, None
             for keep, other, allowed in ((a, b, cv), (b, a, ~cv)):
-                if isinstance(keep, fx.Node) and ctx.analysis.requires_grad(keep) and _is_big_negative(other):
-                    if const_part is not None and const_part.dtype != torch.bool:  # an additive part
-                        const_part = (const_part > -1e30) & torch.isfinite(const_part)
-                    const_part = allowed if const_part is None else const_part & allowed
+                if isinstance(keep, fx.Node) and ctx.analysis.requires_grad(keep) and _is_mask_value(other):
+                    const_part = allowed if const_part is None else _allowed(const_part) & allowed
                     cur = keep
                     break
             else:
@@ -1133,11 +1145,6 @@ def _split_learned_mask(ctx: RuleContext, node: Any) -> tuple[Stat | None, torch
             continue
         return None, None
     return None, None
-
-
-def _is_big_negative(x: Any) -> bool:
-    """A scalar that masks a logit out (``-inf`` or below ``-1e30``)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x < -1e30
 
 
 def _sdpa_fwd(ctx: RuleContext) -> Stat:

@@ -20,12 +20,12 @@ from .base import Pass, PassResult, TransformState
 
 aten = torch.ops.aten
 
-__all__ = ["ModeAwareDropout", "SplitBias"]
+__all__ = ["ModeAwareOps", "SplitBias"]
 
 
 @dataclass(frozen=True)
-class ModeAwareDropout(Pass):
-    name: ClassVar[str] = "mode_aware_dropout"
+class ModeAwareOps(Pass):
+    name: ClassVar[str] = "mode_aware_ops"
 
     def __call__(self, gm: fx.GraphModule, state: TransformState) -> PassResult:
         counts = {"dropout": 0, "batch_norm": 0}
