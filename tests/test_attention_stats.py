@@ -281,3 +281,42 @@ def test_against_monte_carlo(case):
         for k in ("out_rms", "grad_v_rms", "grad_q_rms", "grad_k_rms", "sum_p2"):
             assert abs(err[k]) < 0.06, (k, err)
         assert abs(err["out_corr"]) < 0.2, err
+
+
+# ----------------------------------------------------------------------------------- k-v coupling
+def monte_carlo_shared_input(*, seq: int, width: int, heads: int, causal: bool, batch: int, seed: int = 0):
+    """q, k, v = x Wq, x Wk, x Wv from one input ``x`` (self-attention); one weight draw per sample."""
+    gen = torch.Generator().manual_seed(seed)
+    d = width // heads
+    x = torch.randn(batch, seq, width, generator=gen, dtype=torch.float64)
+    w = [torch.randn(batch, width, width, generator=gen, dtype=torch.float64) / math.sqrt(width) for _ in range(3)]
+
+    def heads_of(t):
+        return t.view(batch, seq, heads, d).transpose(1, 2)
+
+    q, k, v = (heads_of(torch.bmm(x, wi)).detach().requires_grad_() for wi in w)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    go = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    out.backward(go)
+
+    def rms(t):
+        return t.detach().pow(2).mean().sqrt().item()
+
+    return dict(out_rms=rms(out), grad_q_rms=rms(q.grad), grad_k_rms=rms(k.grad), grad_v_rms=rms(v.grad))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seq", [512, pytest.param(2048, marks=pytest.mark.slow)])
+def test_kv_coupling_against_monte_carlo(seq, causal):
+    """k and v projected from one input: the coupling term (kv_coupling = 1/width) is what keeps the
+    output and grad_q predictions right at long sequences; without it they are low."""
+    width, heads = 128, 2
+    d = width // heads
+    mc = monte_carlo_shared_input(seq=seq, width=width, heads=heads, causal=causal, batch=max(2, 4096 // seq))
+    common = dict(sq=seq, sk=seq, d=d, scale=d**-0.5, q_rms=1, k_rms=1, v_rms=1, causal=causal)
+    st = attention_stats(**common, kv_coupling=sympy.Rational(1, width))
+    plain = attention_stats(**common)
+    err = {k: math.log2(float(getattr(st, k)) / mc[k]) for k in mc}
+    assert all(abs(e) < TOL_10 for e in err.values()), err
+    if not causal and seq >= 2048:  # where the term matters: the uncoupled model is far off
+        assert math.log2(mc["out_rms"] / float(plain.out_rms)) > 1.0

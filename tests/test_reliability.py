@@ -297,8 +297,6 @@ def test_cnn_transforms_trains_and_reports_what_it_left_unscaled():
         assert THIS_FILE in (op.source or ""), op
 
 
-@pytest.mark.xfail(strict=True, reason="aten.conv2d / batch_norm / adaptive_avg_pool2d have no scale rule "
-                                       "(unitscale_fx/analysis/rules.py); everything downstream is then unscaled")
 def test_cnn_every_op_has_a_rule_and_forward_is_in_band():
     torch.manual_seed(0)
     x = torch.randn(8, 3, 8, 8)

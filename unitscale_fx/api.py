@@ -154,9 +154,11 @@ def _run_pipeline(model: nn.Module, args: tuple, kwargs: dict, config: Config, *
     state = TransformState(capture=cap, config=config, hints=dict(cap.hints))
     state.skipped_nodes = _skipped_nodes(gm, model, config)
     gm = PassManager(build_passes(config))(gm, state)
-    final = GraphAnalysis(gm, hints=dict(cap.hints), param_stats=dict(state.param_stats),
-                          example_values=dict(cap.example_values))
-    final.run_forward()
+    final = state.final_analysis
+    if final is None or final.gm is not gm:
+        final = GraphAnalysis(gm, hints=dict(cap.hints), param_stats=dict(state.param_stats),
+                              example_values=dict(cap.example_values))
+        final.run_forward()
     final.run_backward()
     if config.strict and final.missing:
         raise MissingRuleError(final.missing_message(), [(m.node, m.op, m.source) for m in final.missing])

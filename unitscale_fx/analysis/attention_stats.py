@@ -25,12 +25,15 @@ Everything here is pure sympy: arguments may be numbers, symbols or expressions.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import sympy
 from sympy.integrals.quadrature import gauss_hermite
+
+from .evaluate import digamma, trigamma
 
 __all__ = [
     "AttentionStats",
@@ -137,9 +140,14 @@ def _prod(*factors: Any) -> sympy.Expr:
 
 
 def _pg(order: int, x: sympy.Expr) -> sympy.Expr:
-    """``polygamma(order, x)``, evaluated right away when ``x`` is a number."""
+    """``polygamma(order, x)``, evaluated right away when ``x`` is a positive number (in floats:
+    :func:`~unitscale_fx.analysis.evaluate.digamma` / ``trigamma``, |error| < 1e-14; sympy's
+    arbitrary-precision evaluation was most of the analysis time of a causal model)."""
     x = sympy.sympify(x)
     if not x.free_symbols:
+        xf = float(x)
+        if xf > 0 and order in (0, 1):
+            return sympy.Float(digamma(xf) if order == 0 else trigamma(xf), 15)
         return sympy.polygamma(order, x).evalf(15)
     return sympy.polygamma(order, x)
 
@@ -147,8 +155,15 @@ def _pg(order: int, x: sympy.Expr) -> sympy.Expr:
 def _harmonic(S: sympy.Expr, m: int = 1) -> sympy.Expr:
     S = sympy.sympify(S)
     if not S.free_symbols:
+        sf = float(S)
+        if sf >= 0 and m in (1, 2):  # H_S = psi(S + 1) + gamma; H_S^(2) = zeta(2) - psi'(S + 1)
+            return sympy.Float(digamma(sf + 1) + _EULER_GAMMA if m == 1 else _ZETA2 - trigamma(sf + 1), 15)
         return sympy.harmonic(S, m).evalf(15)
     return sympy.harmonic(S) if m == 1 else sympy.harmonic(S, m)
+
+
+_EULER_GAMMA = 0.5772156649015329
+_ZETA2 = math.pi**2 / 6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +380,7 @@ def attention_stats(
     causal: bool,
     valid_keys: Any = None,
     kv_repeat: Any = 1,
+    kv_coupling: Any = 0,
 ) -> AttentionStats:
     """Statistics of ``out = softmax(scale * q @ k^T + mask) @ v`` and of its gradients at init.
 
@@ -382,6 +398,11 @@ def attention_stats(
             harmonic mean of the per-sequence counts is the exact choice, the arithmetic mean a
             slight under-estimate of ``sum_p2`` when the counts differ a lot.
         kv_repeat: grouped-query attention: number of query heads sharing one ``k``/``v`` head.
+        kv_coupling: ``1/D`` when ``k`` and ``v`` are linear projections of one input of width
+            ``D`` (the usual case), 0 when independent. For one draw of the weights, the keys a
+            query favours then carry a common part of ``v``: the output gains a coherent term of
+            mean square ``(1 - F)^2 s2 / D`` next to the diffuse ``F = E[sum p^2]``, which
+            dominates at long sequences (see docs/attention_scaling.md, "k-v coupling").
 
     Returns:
         :class:`AttentionStats`.
@@ -402,7 +423,7 @@ def attention_stats(
     s2 = _tidy(logit_variance(d=d, scale=scale, q_rms=q_rms, k_rms=k_rms, k_corr=kc))
 
     # Average over the query-norm fluctuation: logits of query i have variance s2 * X_i.
-    F = TQ = TX = O = Ob = onemF = sympy.Integer(0)
+    F = TQ = TX = O = Ob = onemF = C1 = C2 = sympy.Integer(0)
     for x, w in _qnorm_nodes(d):
         s2x = _tidy(s2 * x)
         if causal:
@@ -422,6 +443,8 @@ def attention_stats(
         TX += w * x * Tx
         O += w * Ox
         onemF += w * x * (1 - Fx)
+        C1 += w * (1 - Fx) ** 2          # k-v coupling of grad_q
+        C2 += w * x * (1 - Fx) ** 2      # k-v coupling of out (the tilt grows with |q_i|^2)
 
     # Alignment of q_i with the keys it attends to (Stein: E[p_j x_j] = s2 E[p_j (1 - p_j)]):
     # sum over keys j and query pairs i != i' that see j of E[p_ij u_i] E[p_i'j u_i'] / (beta q_rms^2)^2,
@@ -432,10 +455,18 @@ def attention_stats(
         align = onemF**2 * sq * (sq - 1) / n
     align = align * Ob / O if not (O.is_number and O == 0) else sympy.Integer(0)
 
+    # k-v coupling: the softmax tilts the keys' shared input x_j along a = scale Wk q_i
+    # (|a|^2 = s2 x): E_p[v_j] = (1 - F) Wv^T a, of mean square s2 x (1 - F)^2 / D per component
+    # (correlated across queries as q is); the same tilt gives grad_q the coherent part
+    # scale Wk Cov_p(x) Wv^T g, of mean square scale^2 d k^2 g^2 v^2 (1 - F)^2 / D.
+    kvc = _s(kv_coupling)
+    coh_out = (1 - vc) * kvc * s2 * C2
+    coh_q = d * (1 - kc) * (1 - vc) * kvc * C1
+
     # Mean squares, with the input scales pulled out of the square roots (RMS values are >= 0).
-    out_ms = vc + (1 - vc) * F
-    out_corr = (vc + (1 - vc) * O) / (vc + (1 - vc) * F)
-    gq_ms = d * (1 - kc) * (1 - vc) * TQ
+    out_ms = vc + (1 - vc) * F + coh_out
+    out_corr = (vc + (1 - vc) * O + qc * coh_out) / out_ms
+    gq_ms = d * (1 - kc) * (1 - vc) * TQ + coh_q
     gk_ms = r * (1 - vc) * (d * sq * (TX + qc * gc * (sq - 1) * Ob) + s2 * gc * align) / sk
     gv_ms = r * sq * (F + gc * (sq - 1) * O) / sk
     abs_scale = sympy.Abs(scale)

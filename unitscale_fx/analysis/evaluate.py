@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping
 
 import sympy
 
+from .sizefn import value as _sizefn_value
+
 __all__ = ["Evaluator", "digamma", "trigamma"]
 
 _EULER_GAMMA = 0.5772156649015329
@@ -95,6 +97,7 @@ _FUNCTIONS: dict[str, Callable[..., float]] = {
     "digamma": digamma,
     "polygamma": _polygamma,
     "harmonic": _harmonic,
+    "SizeFunction": lambda slot, *sizes: _sizefn_value(int(slot), [int(round(x)) for x in sizes]),
 }
 
 _RELATIONS: dict[str, Callable[[float, float], bool]] = {

@@ -30,6 +30,7 @@ from .context import RuleContext, is_float_node, normalized_kwargs
 from .evaluate import Evaluator
 from .record import META_KEY, ScaleRecord, Stat, evaluate
 from .registry import Unsupported as _Unsupported, lookup
+from ..runtime import grad_scale
 
 __all__ = ["GraphAnalysis", "MissingOp", "analyse_graph"]
 
@@ -89,6 +90,7 @@ class GraphAnalysis:
     _const: dict[fx.Node, Any] = field(default_factory=dict)
     _const_failed: set = field(default_factory=set)
     _evaluator: Evaluator | None = field(default=None, repr=False)
+    _doubled: dict = field(default_factory=dict, repr=False)  # evaluators with one size doubled
     _evaluator_key: tuple = field(default=(), repr=False)
 
     # ------------------------------------------------------------------ helpers for rules
@@ -106,16 +108,46 @@ class GraphAnalysis:
         if self._evaluator is None or self._evaluator_key != key:
             self._evaluator = Evaluator({**self.hints, **self.symbol_hints})
             self._evaluator_key = key
+            self._doubled = {}
         return self._evaluator(expr)
+
+    def power_law(self, e: Any) -> Any:
+        """``v0 * prod_s (s / h_s) ** p_s``: the value ``v0`` of ``e`` at the hints ``h``, and for each
+        free symbol the exponent ``p_s = log2(e(2 h_s) / e(h_s))`` (rounded to a multiple of 1/2
+        when within 0.02 of one). Exact at the hints; follows ``e``'s scaling in every size.
+        Falls back to the value at the hints when ``e`` is not positive there."""
+        v0 = self.value_of(e)  # (also resets the doubled evaluators when the hints change)
+        if v0 is None or not (v0 > 0 and math.isfinite(v0)):
+            return _num(v0, e)
+        env = {**self.hints, **self.symbol_hints}
+        out = sympy.Float(v0, 8)
+        for s in sorted(e.free_symbols, key=str):
+            h = env.get(s)
+            if h is None:
+                return sympy.Float(v0, 6)
+            ev = self._doubled.get(s)
+            if ev is None:
+                ev = self._doubled[s] = Evaluator({**env, s: 2 * h})
+            v1 = ev(e)
+            if v1 is None or not (v1 > 0 and math.isfinite(v1)):
+                return sympy.Float(v0, 6)
+            p = math.log2(v1 / v0)
+            half = round(2 * p)
+            p_e = sympy.Rational(half, 2) if abs(p - half / 2) < 0.02 else sympy.Float(round(p, 4), 6)
+            if p_e != 0:
+                out = out * (s / sympy.Integer(int(h))) ** p_e if float(h).is_integer() else out * (s / h) ** p_e
+        return out
 
     def tame(self, st: Any) -> Any:
         """Keep a statistic's expressions small enough for sympy.
 
         The correlation and mean are model parameters of the rules, not user-facing scales: they
         are evaluated to numbers at the shape hints. The RMS stays symbolic (dynamic dims remain
-        symbols) unless its expression tree exceeds :data:`MAX_EXPR_NODES` nodes, in which case
-        it is replaced by its value at the hints (deep graphs would otherwise grow expressions
-        exponentially with depth).
+        symbols) unless its expression tree exceeds :data:`MAX_EXPR_NODES` nodes (deep graphs
+        would otherwise grow expressions exponentially with depth), in which case it is replaced by
+        the power law that matches it at the hints (:meth:`power_law`): the dependence on the
+        batch and sequence sizes survives, so scale factors built from it still cancel (e.g. a
+        mean loss's ``sqrt(batch * seq)`` against a weight gradient's ``1/sqrt(batch * seq)``).
         """
         if isinstance(st, (tuple, list)):
             return type(st)(self.tame(s) for s in st)
@@ -127,7 +159,7 @@ class GraphAnalysis:
         if not _is_num(mean):
             mean = _num(self.value_of(mean), mean)
         if not _is_num(rms) and _too_big(rms):
-            rms = _num(self.value_of(rms), rms)
+            rms = self.power_law(rms)
         if rms is st.rms and corr is st.corr and mean is st.mean:
             return st
         return Stat(rms, corr, mean, st.trace)
@@ -265,14 +297,15 @@ class GraphAnalysis:
         if node.target in _IGNORED:
             return rec
         has_float_out = _has_float(node.meta.get("val"))
-        if has_float_out and not self.requires_grad(node) and _float_inputs_are_constant(self, node):
+        rule = lookup(node.target)
+        if (has_float_out and not self.requires_grad(node) and not _forward_scale(node, rule)
+                and _float_inputs_are_constant(self, node)):
             value = self.const_value(node)
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 # a constant of the shapes and buffers (RoPE tables, ALiBi slopes...): measured
                 rec.rule = "constant"
                 rec.fwd = _measured_stat(value)
                 return rec
-        rule = lookup(node.target)
         if rule is None:
             if has_float_out and (
                 self.requires_grad(node)
@@ -361,6 +394,11 @@ class GraphAnalysis:
     def run_backward(self, seeds: Mapping[fx.Node, Stat] | None = None) -> "GraphAnalysis":
         """Predict the true gradient statistics of every edge that carries a gradient."""
         nodes = list(self.gm.graph.nodes)
+        for node in nodes:  # a re-run (after a pass changed the graph) starts from nothing
+            rec = node.meta.get(META_KEY)
+            if isinstance(rec, ScaleRecord):
+                rec.bwd = None
+            node.meta.pop("_us_bwd_multi", None)
         pending: dict[tuple[fx.Node, int | None], list[Stat]] = {}
         if seeds is None:
             seeds = self.default_seeds()
@@ -501,6 +539,16 @@ def _combine(stats: list[Stat]) -> Stat | None:
     total = sympy.Add(*[s.rms**2 for s in stats])
     corr = sympy.Add(*[s.rms**2 * s.corr for s in stats]) / total if total != 0 else sympy.Integer(0)
     return Stat(sympy.sqrt(total), corr)
+
+
+def _forward_scale(node: fx.Node, rule: Any) -> bool:
+    """A scale value that multiplies a forward activation: it keeps its symbolic expression (its
+    value at the hints would lose the dependence on the runtime sizes, e.g. of an attention scale
+    on the sequence length, and downstream predictions would no longer cancel it). Backward-only
+    factors (``grad_scale`` arguments) are constants of the prediction at the hints."""
+    if rule is None or rule.kind != "scale":
+        return False
+    return any(u.op != "call_function" or u.target is not grad_scale for u in node.users)
 
 
 def _has_float(val: Any) -> bool:

@@ -9,6 +9,7 @@ same tensor (then the composite function is integrated exactly, see ``_pointwise
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import math
 import operator
@@ -18,9 +19,10 @@ import sympy
 import torch
 import torch.fx as fx
 
+from . import sizefn
 from .context import RuleContext, prod, sym
 from .record import Stat
-from .registry import Unsupported, register
+from .registry import Unsupported, lookup, register
 
 aten = torch.ops.aten
 ZERO = sympy.Integer(0)
@@ -945,6 +947,9 @@ def _mean_bwd(ctx: RuleContext, g: Stat) -> dict:
 
 
 def _sum_fwd(ctx: RuleContext) -> Stat:
+    topk_sum = _topk_row_sum(ctx)
+    if topk_sum is not None:
+        return topk_sum
     s = _mean_fwd(ctx)
     n = _reduced(ctx)
     return Stat(s.rms * n, s.corr, s.mean * n)
@@ -1017,6 +1022,30 @@ def _mask_rows(mask: torch.Tensor | None, sq: int, sk: int) -> tuple[str, torch.
 _ATTENTION_MEMO: dict = {}
 
 
+def _attention_numeric(mask_kind: str, hm: Any, kw: dict) -> Any:
+    """:func:`attention_stats` with numeric arguments (memoised)."""
+    from .attention_stats import attention_stats
+
+    memo_key = (mask_kind, hm, tuple(sorted(kw.items(), key=lambda kv: kv[0])))
+    st = _ATTENTION_MEMO.get(memo_key)
+    if st is None:
+        if mask_kind == "causal":
+            st = attention_stats(causal=True, **kw)
+        elif mask_kind == "general":
+            st = attention_stats(causal=False, valid_keys=hm, **kw)
+        else:
+            st = attention_stats(causal=False, **kw)
+        _ATTENTION_MEMO[memo_key] = st
+    return st
+
+
+def _attention_field(mask_kind: str, base: tuple, field_name: str, sizes: tuple[int, ...]) -> float:
+    """One RMS field of the attention statistics at query/key lengths ``sizes`` (a size function)."""
+    sq, sk = sizes
+    kw = dict(base, sq=sympy.Integer(sq), sk=sympy.Integer(sk))
+    return float(getattr(_attention_numeric(mask_kind, None, kw), field_name))
+
+
 def _attention_stats(ctx: RuleContext, q: Stat, k: Stat, v: Stat, sq, sk, d, scale, mask_kind,
                      counts, kv_repeat, g: Stat | None = None):
     from .attention_stats import attention_stats, sum_p2_full
@@ -1034,11 +1063,12 @@ def _attention_stats(ctx: RuleContext, q: Stat, k: Stat, v: Stat, sq, sk, d, sca
         v_ = ctx.analysis.value_of(e)
         return sympy.Integer(int(round(v_))) if v_ is not None else e
 
+    sym_sq, sym_sk = sympy.sympify(sq), sympy.sympify(sk)
     sq, sk, d = count(sq), count(sk), count(d)
     kw = dict(sq=sq, sk=sk, d=d, scale=num(scale), q_rms=num(q.rms), k_rms=num(k.rms), v_rms=ONE,
               q_corr=num(q.corr), k_corr=num(k.corr), v_corr=num(v.corr),
               grad_out_rms=ONE, grad_out_corr=num(g.corr) if g is not None else ZERO,
-              kv_repeat=kv_repeat)
+              kv_repeat=kv_repeat, kv_coupling=_kv_coupling(ctx))
     def rounded(v):
         return sympy.Float(float(f"{float(v):.3g}"), 6) if isinstance(v, sympy.Basic) and v.is_number else v
 
@@ -1047,16 +1077,20 @@ def _attention_stats(ctx: RuleContext, q: Stat, k: Stat, v: Stat, sq, sk, d, sca
     if mask_kind == "general":
         # average over the distinct allowed-key counts (padding, sliding windows...): harmonic mean
         hm = sympy.Float(float(1.0 / (1.0 / counts.clamp(min=1)).mean()), 6)
-    memo_key = (mask_kind, hm, tuple(sorted(kw.items(), key=lambda kv: kv[0])))
-    st = _ATTENTION_MEMO.get(memo_key)
-    if st is None:
-        if mask_kind == "causal":
-            st = attention_stats(causal=True, **kw)
-        elif mask_kind == "general":
-            st = attention_stats(causal=False, valid_keys=hm, **kw)
-        else:
-            st = attention_stats(causal=False, **kw)
-        _ATTENTION_MEMO[memo_key] = st
+    st = _attention_numeric(mask_kind, hm, kw)
+    dynamic = (sym_sq.free_symbols or sym_sk.free_symbols) and all(
+        x.is_Symbol or x.is_Integer for x in (sym_sq, sym_sk))
+    if dynamic and mask_kind in ("causal", "full"):
+        # the RMS fields as functions of the (symbolic) lengths, evaluated by the same code at
+        # other lengths (analysis/sizefn.py): the scales follow the sequence length at runtime.
+        # (A general mask's allowed-key counts come from the example inputs: they stay constant.)
+        base = tuple(sorted((k_, v_) for k_, v_ in kw.items() if k_ not in ("sq", "sk")))
+        fields = {}
+        for f in ("out_rms", "grad_q_rms", "grad_k_rms", "grad_v_rms"):
+            slot = sizefn.register(("attention", mask_kind, f, base), f"attention_{f}",
+                                   functools.partial(_attention_field, mask_kind, base, f))
+            fields[f] = sizefn.SizeFunction(slot, sym_sq, sym_sk)
+        st = dataclasses.replace(st, **fields)
     gr = g.rms if g is not None else ONE
 
     def small(e):  # expressions past the size limit are evaluated at the hints (as ``tame`` does)
@@ -1069,6 +1103,61 @@ def _attention_stats(ctx: RuleContext, q: Stat, k: Stat, v: Stat, sq, sk, d, sca
     return dataclasses.replace(
         st, out_rms=v.rms * st.out_rms, grad_q_rms=gr * v.rms * st.grad_q_rms,
         grad_k_rms=gr * v.rms * st.grad_k_rms, grad_v_rms=gr * st.grad_v_rms)
+
+
+def _projection_source(node: Any) -> fx.Node | None:
+    """The activation that ``node`` is a linear projection of: walking up through views, splits,
+    head repeats, casts, backward-only scales, scalar multiplies and bias adds to a matmul with a
+    weight, then through the same kind of ops on its activation operand. ``None`` otherwise (e.g.
+    a rotary embedding on the way: its position-dependent multiplies end the walk)."""
+    cur, through_matmul = node, False
+    for _ in range(64):
+        if not isinstance(cur, fx.Node) or cur.op != "call_function":
+            return cur if through_matmul and isinstance(cur, fx.Node) else None
+        rule = lookup(cur.target)
+        name = rule.name if rule is not None else None
+        tensors = [a for a in cur.args if isinstance(a, fx.Node)]
+        if rule is not None and rule.kind == "matmul" and not through_matmul:
+            acts = [a for a in cur.all_input_nodes if not _is_param_like(a)]
+            if len(acts) != 1 or len(acts) == len(cur.all_input_nodes):
+                return None
+            cur, through_matmul = acts[0], True
+            continue
+        if rule is not None and (rule.kind == "view" or name in ("grad_scale", "dropout")) and tensors:
+            cur = tensors[0]
+            continue
+        if name in ("mul", "div") and len(cur.args) >= 2:
+            a0, a1 = cur.args[0], cur.args[1]
+            if isinstance(a0, fx.Node) and (not isinstance(a1, fx.Node) or (name == "mul" and _is_scale_value(a1))):
+                cur = a0  # times a number or a scale value
+                continue
+        if name == "add" and len(tensors) == 2 and not through_matmul:
+            act = [a for a in tensors if not _is_param_like(a)]
+            if len(act) == 1:
+                cur = act[0]  # a bias
+                continue
+        return cur if through_matmul else None
+    return None
+
+
+def _is_scale_value(n: fx.Node) -> bool:
+    rule = lookup(n.target) if n.op == "call_function" else None
+    return rule is not None and rule.kind == "scale"
+
+
+def _kv_coupling(ctx: RuleContext) -> sympy.Expr:
+    """``1/D`` when the attention's keys and values are projections of one activation of width
+    ``D`` (self-attention, fused or separate k/v projections, cross-attention on one memory),
+    else 0 (see ``kv_coupling`` in :func:`~unitscale_fx.analysis.attention_stats.attention_stats`)."""
+    k, v = ctx.arg("key"), ctx.arg("value")
+    if not (isinstance(k, fx.Node) and isinstance(v, fx.Node)):
+        return ZERO
+    ks, vs = _projection_source(k), _projection_source(v)
+    if ks is None or ks is not vs:
+        return ZERO
+    val = ks.meta.get("val")
+    width = ctx.analysis.value_of(sym(val.shape[-1])) if isinstance(val, torch.Tensor) and val.dim() else None
+    return sympy.Float(1.0 / width, 8) if width else ZERO
 
 
 def _sdpa_parts(ctx: RuleContext):
@@ -1362,6 +1451,11 @@ _PASS_THROUGH.update(
     {op for packet in list(_PASS_THROUGH) for op in [getattr(packet, o) for o in packet.overloads()]}
 )
 
+# a parameter gathered along its leading dims (``experts.gate_up_proj[expert_ids]``: one weight
+# matrix per routed token, MoE experts as batched matmul) holds the parameter's values: a matmul
+# with it is a matmul with a weight (scaled by its fan-in like a linear)
+_PASS_THROUGH.update({aten.index, *[getattr(aten.index, o) for o in aten.index.overloads()]})
+
 _ = (Any, _S)
 
 
@@ -1412,3 +1506,392 @@ def _rt_dropout_bwd(ctx: RuleContext, g: Stat) -> dict:
 
 register(_rt.dropout, name="dropout", kind="dropout", backward=_rt_dropout_bwd)(_rt_dropout_fwd)
 register(_rt.attention, name="sdpa", kind="attention", backward=_sdpa_bwd)(_sdpa_fwd)
+
+
+# ============================================================================ vision: batch norm
+def _bn_fwd(ctx: RuleContext, x: Any, w: Any, b: Any, eps: float) -> Stat:
+    """Batch norm in training mode: ``y = w_c * x_hat + b_c`` with ``x_hat`` normalised per channel.
+
+    Derivation: ``x_hat`` has, per channel, mean 0 and mean square ``var_c / (var_c + eps)`` over
+    the ``M = N * spatial`` elements it is normalised over (exactly, by construction). The cross
+    term ``2 w_c b_c x_hat`` averages to 0 per channel, so ``E[y^2] = E_c[w_c^2] var/(var+eps) +
+    E_c[b_c^2]``, the layer-norm result with the eps term kept. ``var`` is the variance of the whole
+    input standing for each channel's (exact when channels share their variance; the
+    per-channel ``var_c / (var_c + eps)`` differs from it only by ``O(eps / var)``). The mean is
+    the bias' mean; the correlation between positions is the layer-norm one (the gain keeps the
+    input's, the bias is shared by every position).
+    """
+    sx = _require(ctx.analysis.fwd_of(x))
+    sw = ctx.analysis.fwd_of(w) if isinstance(w, fx.Node) else None
+    sb = ctx.analysis.fwd_of(b) if isinstance(b, fx.Node) else None
+    var = _var(sx)
+    keep = var / (var + sympy.Float(eps, 8)) if eps else ONE
+    w2 = sw.rms**2 if sw is not None else ONE
+    b2 = sb.rms**2 if sb is not None else ZERO
+    rms2 = w2 * keep + b2
+    corr = _safe_div(w2 * keep * sx.corr + b2, rms2)
+    return Stat(sympy.sqrt(rms2), _clip01(corr), sb.mean if sb is not None else ZERO)
+
+
+def _bn_bwd(ctx: RuleContext, g: Stat, x: Any, w: Any, b: Any, eps: float) -> dict:
+    """Backward of training-mode batch norm (per channel ``c``, over its ``M = numel / C`` elements).
+
+    ``dx = (w_c / s_c) * (g - mean_M(g) - x_hat * mean_M(g * x_hat))`` with ``s_c = sqrt(var_c + eps)``:
+    ``g`` projected off the two unit directions ``1 / sqrt(M)`` and ``x_hat / sqrt(M)`` (orthogonal,
+    since ``x_hat`` has mean 0 and mean square 1 per channel). For ``g`` with independent zero-mean
+    elements independent of ``x_hat`` the projection keeps ``(M - 2) / M`` of the energy, and a
+    mean of ``g`` is removed entirely. ``s_c^2`` is the channel's *sample* variance: for Gaussian
+    ``x`` it is ``var * chi2_{M-1} / M``, independent of the projection, and
+    ``E[1 / s_c^2] = M / ((M - 3) var)``; together
+    ``RMS(dx) = w * sqrt(var_g (M - 2) / (M - 3)) / sqrt(var + eps)`` (eps only in the mean
+    variance; unsupported for ``M <= 3``, where ``E[1 / s_c^2]`` diverges).
+    Parameter gradients: ``dw_c = sum_M g x_hat`` and ``db_c = sum_M g``, sums of ``M`` independent
+    terms of mean square ``E[g^2]`` (``x_hat`` has unit mean square): RMS ``g * sqrt(M)`` each.
+    Correlated ``g`` within a channel (e.g. behind a global average pool) is not modelled here.
+    """
+    sx = _require(ctx.analysis.fwd_of(x))
+    sw = ctx.analysis.fwd_of(w) if isinstance(w, fx.Node) else None
+    shp = ctx.shape(ctx.name_of(0))
+    if len(shp) < 2:
+        raise Unsupported("batch_norm of a tensor without a channel dim")
+    m = _safe_div(prod(shp), shp[1])
+    wr = sw.rms if sw is not None else ONE
+    mv = ctx.analysis.value_of(m)
+    if mv is None or mv <= 3:
+        raise Unsupported("batch_norm over <= 3 elements per channel: E[1 / sample variance] diverges")
+    frac = (m - 2) / (m - 3)
+    out = {ctx.name_of(0): Stat(wr * sympy.sqrt(_var(g) * frac) / sympy.sqrt(_var(sx) + sympy.Float(eps, 8)), g.corr)}
+    if isinstance(w, fx.Node):
+        out[ctx.name_of(1)] = Stat(g.rms * sympy.sqrt(m), ZERO)
+    if isinstance(b, fx.Node):
+        out[ctx.name_of(2)] = Stat(g.rms * sympy.sqrt(m), ZERO)
+    return out
+
+
+def _rt_bn_fwd(ctx: RuleContext) -> Stat:
+    # runtime.batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, mode): the
+    # analysis predicts the training step (as for runtime.dropout), i.e. batch statistics
+    a = ctx.node.args
+    return _bn_fwd(ctx, a[0], a[1], a[2], float(a[6]))
+
+
+def _rt_bn_bwd(ctx: RuleContext, g: Stat) -> dict:
+    a = ctx.node.args
+    return _bn_bwd(ctx, g, a[0], a[1], a[2], float(a[6]))
+
+
+def _aten_bn_check(ctx: RuleContext) -> None:
+    if not bool(ctx.arg("training", False)):
+        raise Unsupported("batch_norm with running statistics (captured in eval mode): its output depends "
+                          "on the running mean/variance per channel, not on the input's scale alone")
+
+
+def _aten_bn_fwd(ctx: RuleContext) -> Stat:
+    _aten_bn_check(ctx)
+    return _bn_fwd(ctx, ctx.arg("input"), ctx.arg("weight"), ctx.arg("bias"), float(ctx.arg("eps", 1e-5)))
+
+
+def _aten_bn_bwd(ctx: RuleContext, g: Stat) -> dict:
+    _aten_bn_check(ctx)
+    return _bn_bwd(ctx, g, ctx.arg("input"), ctx.arg("weight"), ctx.arg("bias"), float(ctx.arg("eps", 1e-5)))
+
+
+# kind "other", not "norm": passes/reinit.py reads a "norm" op's gain from layer_norm's argument
+# positions (weight third), which would swap batch_norm's weight and bias roles. BatchNorm's
+# default init (weight 1, bias 0) is already unit-scaled, so the parameters keep their values.
+register(_rt.batch_norm, name="batch_norm", kind="other", backward=_rt_bn_bwd)(_rt_bn_fwd)
+register(aten.batch_norm, name="batch_norm", kind="other", backward=_aten_bn_bwd)(_aten_bn_fwd)
+
+
+# ============================================================================ vision: average pooling
+def _pool_dim_windows(L: int, O: int, k: int | None, s: int, p: int, ceil_mode: bool,
+                      count_include_pad: bool) -> list[tuple[int, int]]:
+    """``(elements summed, divisor)`` of each output position along one dim (PyTorch's windows).
+
+    ``k is None``: adaptive pooling, window ``[floor(i L / O), ceil((i + 1) L / O))``.
+    """
+    out = []
+    for i in range(O):
+        if k is None:
+            start, end = (i * L) // O, -((-(i + 1) * L) // O)
+            out.append((end - start, end - start))
+            continue
+        start = i * s - p
+        end = min(start + k, L + p)
+        pool = end - start
+        start, end = max(start, 0), min(end, L)
+        n = max(end - start, 0)
+        out.append((n, pool if count_include_pad else n))
+    return out
+
+
+def _pool_factors(ctx: RuleContext, adaptive: bool) -> tuple[float, float, float, float]:
+    """Averages over the output grid of ``n/d``, ``n^2/d^2``, ``n/d^2`` (``n`` elements summed,
+    ``d`` divisor) and, over the input grid, of ``sum_{windows containing j} 1/d^2``.
+
+    The output grid is the product of per-dim grids and ``n``, ``d`` are products of per-dim
+    counts (a ``divisor_override`` is a constant), so each average is the product of per-dim ones.
+    """
+    xs, ys = ctx.shape(0), ctx.shape()
+    nd = 1 if ctx.node.target in _POOL_DIMS[1] else 2 if ctx.node.target in _POOL_DIMS[2] else 3
+    in_sp = [int(_numeric(ctx, v)) for v in xs[-nd:]]
+    out_sp = [int(_numeric(ctx, v)) for v in ys[-nd:]]
+
+    def per_dim(val: Any, i: int, default: int) -> int:
+        if val is None or val == []:
+            return default
+        if isinstance(val, int):
+            return val
+        val = list(val)
+        return int(val[i] if len(val) > 1 else val[0])
+
+    ks = ctx.arg("kernel_size") if not adaptive else None
+    stride = ctx.arg("stride", []) if not adaptive else None
+    pad = ctx.arg("padding", 0) if not adaptive else None
+    cip = bool(ctx.arg("count_include_pad", True)) if not adaptive else True
+    override = ctx.arg("divisor_override", None) if not adaptive else None
+    a1 = a2 = a3 = back = 1.0
+    for i, (L, O) in enumerate(zip(in_sp, out_sp)):
+        k = None if adaptive else per_dim(ks, i, 1)
+        s = 1 if adaptive else per_dim(stride, i, k)
+        p = 0 if adaptive else per_dim(pad, i, 0)
+        win = _pool_dim_windows(L, O, k, s, p, bool(ctx.arg("ceil_mode", False)), cip)
+        if override:
+            win = [(n, 1) for n, _ in win]
+        a1 *= sum(n / d for n, d in win) / O
+        a2 *= sum(n * n / (d * d) for n, d in win) / O
+        a3 *= sum(n / (d * d) for n, d in win) / O
+        back *= sum(n / (d * d) for n, d in win) / L
+    if override:
+        D = float(override)
+        a1, a2, a3, back = a1 / D, a2 / D**2, a3 / D**2, back / D**2
+    return a1, a2, a3, back
+
+
+def _centered_corr(s: Stat) -> sympy.Expr:
+    """Correlation coefficient of two positions from ``corr = E[x_i x_j] / E[x^2]`` (mean included)."""
+    var = _var(s)
+    return _clip01(_safe_div(s.corr * s.rms**2 - s.mean**2, var))
+
+
+def _avg_pool(adaptive: bool) -> Callable[[RuleContext], Stat]:
+    def forward(ctx: RuleContext) -> Stat:
+        """Average pooling: each output is ``(1/d) * sum`` of ``n`` input elements of one window.
+
+        With input mean ``mu``, variance ``v`` and correlation ``rho`` between the positions of a
+        window, ``E[y^2] = mu^2 n^2/d^2 + v (rho n^2 + (1 - rho) n) / d^2``, averaged over the
+        output positions (padding and ``count_include_pad``/``divisor_override`` give ``n != d``).
+        ``rho`` is read from the input Stat's correlation (for image tensors the rules read it as
+        the correlation between positions of one channel; the conv rule writes 0, elementwise
+        functions add their mean): with no correlation recorded this is the independent-element
+        result ``mu^2 + v / n``. Exact for equicorrelated elements.
+        """
+        s = _require(ctx.stat(0))
+        a1, a2, a3, _ = _pool_factors(ctx, adaptive)
+        var, rho = _var(s), _centered_corr(s)
+        mean = s.mean * sympy.Float(a1, 10)
+        rms2 = s.mean**2 * sympy.Float(a2, 10) + var * (rho * sympy.Float(a2, 10) + (1 - rho) * sympy.Float(a3, 10))
+        # two outputs of disjoint windows share the mean and the correlated part
+        corr = _safe_div((s.mean**2 + var * rho) * sympy.Float(a1 * a1, 10), rms2)
+        return Stat(sympy.sqrt(rms2), _clip01(corr), mean)
+
+    return forward
+
+
+def _avg_pool_bwd(adaptive: bool):
+    def backward(ctx: RuleContext, g: Stat) -> dict:
+        """``dx_j = sum_{windows i containing j} g_i / d_i``; for independent ``g_i`` its mean square,
+        averaged over the input positions, is ``E[g^2] * mean_j sum_{i containing j} 1/d_i^2``
+        (``1/n^2`` for non-overlapping windows of ``n``). Overlapping windows with correlated
+        ``g`` would add cross terms, not modelled."""
+        _, _, _, back = _pool_factors(ctx, adaptive)
+        return {ctx.name_of(0): Stat(g.rms * sympy.sqrt(sympy.Float(back, 10)), g.corr)}
+
+    return backward
+
+
+_POOL_DIMS = {
+    1: {aten.adaptive_avg_pool1d, aten.avg_pool1d, aten.max_pool1d, aten.max_pool1d_with_indices},
+    2: {aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.avg_pool2d, aten.max_pool2d,
+        aten.max_pool2d_with_indices},
+    3: {aten.adaptive_avg_pool3d, aten._adaptive_avg_pool3d, aten.avg_pool3d, aten.max_pool3d,
+        aten.max_pool3d_with_indices},
+}
+for _d in list(_POOL_DIMS):
+    _POOL_DIMS[_d] |= {getattr(p, o) for p in list(_POOL_DIMS[_d]) for o in p.overloads()}
+
+register(aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
+         aten._adaptive_avg_pool3d, name="adaptive_avg_pool", kind="reduction",
+         backward=_avg_pool_bwd(True))(_avg_pool(True))
+register(aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, name="avg_pool", kind="reduction",
+         backward=_avg_pool_bwd(False))(_avg_pool(False))
+
+
+# ============================================================================ order statistics: topk
+#: memo of top-k moments keyed by (kind, n, k, rounded parameters)
+_TOPK_MEMO: dict = {}
+
+
+def _order_stat_moments(fn: Callable[[torch.Tensor], torch.Tensor], mean: float, std: float, n: int,
+                        k: int) -> tuple[float, float]:
+    """``(E[y], E[y^2])`` averaged over the ``k`` largest of ``n`` i.i.d. ``y = fn(mean + std * Z)``,
+    ``Z ~ N(0, 1)``, for a nondecreasing ``fn`` (then the ``r``-th largest ``y`` is ``fn`` of the
+    ``r``-th largest ``Z``).
+
+    The ``r``-th largest of ``n`` standard normals has density
+    ``n! / ((r-1)! (n-r)!) * Phi(x)^(n-r) * (1 - Phi(x))^(r-1) * phi(x)``; the moments are its
+    integrals against ``y`` and ``y^2`` (trapezoid rule on [-12, 12], 4801 points, in log space).
+    """
+    x = torch.linspace(-12.0, 12.0, 4801, dtype=torch.float64)
+    with torch.no_grad():
+        y = fn(mean + std * x).to(torch.float64)
+    logF, log1F = torch.special.log_ndtr(x), torch.special.log_ndtr(-x)
+    logphi = -0.5 * x * x - 0.5 * math.log(2 * math.pi)
+    s1 = s2 = 0.0
+    for r0 in range(0, k, 256):
+        r = torch.arange(r0 + 1, min(k, r0 + 256) + 1, dtype=torch.float64)[:, None]
+        logc = math.lgamma(n + 1) - torch.lgamma(r) - torch.lgamma(n - r + 1)
+        dens = torch.exp(logc + (n - r) * logF + (r - 1) * log1F + logphi)
+        s1 += float(torch.trapezoid(dens * y, x, dim=-1).sum())
+        s2 += float(torch.trapezoid(dens * y * y, x, dim=-1).sum())
+    return s1 / k, s2 / k
+
+
+def _softmax_topk_moments(n: int, k: int, s2: float) -> tuple[float, float, float, float, float]:
+    """``(E[v], E[v^2], standard error of E[v^2], E[S], E[S^2])`` over the ``k`` largest
+    probabilities ``v`` of ``softmax(l)``, ``l`` ``n`` i.i.d. ``N(0, s2)`` logits, and their row sum
+    ``S`` (the top-k values of one row are dependent: ``S`` is not a sum of independent terms).
+
+    No closed form: the expectation is evaluated by Monte Carlo with a fixed seed (``M`` rows,
+    ``M * n`` up to 2^22 draws, at least 4096 rows); the returned standard error is that of the
+    estimate (well under 1 % for the router sizes of the zoo).
+    """
+    key = ("softmax", n, k, round(s2, 4))
+    hit = _TOPK_MEMO.get(key)
+    if hit is not None:
+        return hit
+    rows = max(4096, min(65536, (1 << 22) // max(n, 1)))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        logits = torch.randn(rows, n, generator=gen, dtype=torch.float64) * math.sqrt(max(s2, 0.0))
+        v = torch.topk(torch.softmax(logits, -1), k, dim=-1).values
+        sq = (v * v).mean(-1)
+        rs = v.sum(-1)
+        hit = (float(v.mean()), float(sq.mean()), float(sq.std() / math.sqrt(rows)), float(rs.mean()),
+               float((rs * rs).mean()))
+    _TOPK_MEMO[key] = hit
+    return hit
+
+
+def _softmax_input(node: Any) -> fx.Node | None:
+    """The softmax node ``node`` is the output of (through casts and views), if any."""
+    seen = 0
+    while isinstance(node, fx.Node) and seen < 6:
+        packet = getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
+        if packet in (aten.softmax, aten._softmax):
+            return node
+        if packet in (aten.to, aten._to_copy, aten.view, aten.reshape, aten.clone, aten.contiguous) and node.args:
+            node = node.args[0]
+            seen += 1
+            continue
+        return None
+    return None
+
+
+def _is_nondecreasing(fn: Callable[[torch.Tensor], torch.Tensor], mean: float, std: float) -> bool:
+    x = mean + std * torch.linspace(-12.0, 12.0, 4801, dtype=torch.float64)
+    with torch.no_grad():
+        y = fn(x).to(torch.float64)
+    return bool(torch.isfinite(y).all()) and bool((y[1:] - y[:-1] >= -1e-12 * (1 + y.abs().max())).all())
+
+
+def _topk_fwd(ctx: RuleContext) -> tuple:
+    """``topk(x, k, dim)``: values are the ``k`` largest (smallest) order statistics of ``n`` elements.
+
+    * ``x`` a softmax output along ``dim`` (a MoE router's top-k over the expert probabilities):
+      the moments of the ``k`` largest of ``softmax(l)``, ``l`` i.i.d. Gaussian logits whose
+      variance is the one the softmax rule uses (its input's variance times ``1 - corr``),
+      evaluated by a seeded Monte Carlo (``_softmax_topk_moments``).
+    * otherwise ``x`` is ``f(z)`` for a Gaussian ``z`` (``f`` the identity, or the elementwise
+      chain the trace records, which must be nondecreasing, else unsupported): the exact order
+      statistics of ``n`` i.i.d. Gaussians pushed through ``f`` (``_order_stat_moments``); the
+      smallest ``k`` are the largest of ``-z``.
+
+    Assumes the ``n`` elements along ``dim`` independent. Tokens stay independent of each other:
+    the correlation of two tokens' values is that of their means, ``E[v]^2 / E[v^2]``. The indices
+    carry no scale.
+    """
+    s = _require(ctx.stat(0))
+    dim = int(ctx.arg("dim", -1))
+    shp = ctx.shape(0)
+    n = int(_numeric(ctx, shp[dim] if shp else ONE))
+    k = int(_numeric(ctx, _S(ctx.arg("k"))))
+    if k <= 0:
+        raise Unsupported("topk with k = 0")
+    largest = bool(ctx.arg("largest", True))
+    sm = _softmax_input(ctx.arg(0))
+    sm_dim = None
+    if sm is not None:
+        sm_dim = sm.args[1] if len(sm.args) > 1 else sm.kwargs.get("dim")
+        nd = len(sm.meta["val"].shape)
+        if not (isinstance(sm_dim, int) and sm_dim % nd == nd - 1 and dim % max(len(shp), 1) == len(shp) - 1):
+            sm = None
+    if sm is not None and largest:
+        si = ctx.analysis.fwd_of(sm.args[0])
+        if si is None:
+            raise Unsupported("the softmax input's scale is unknown")
+        s2 = _numeric(ctx, _var(si) * (1 - si.corr))
+        m1, m2, _, rs1, rs2 = _softmax_topk_moments(n, k, s2)
+        ctx.node.meta["_us_topk_sum"] = (dim, rs1, rs2)
+    else:
+        src_stat, fn = s, (lambda z: z)
+        if s.trace is not None:
+            src, fn, _key = s.trace
+            src_stat = _require(ctx.analysis.fwd_of(src))
+        std, mean, _ = _std_normal_nodes_stat(ctx, src_stat)
+        if not _is_nondecreasing(fn, mean, std):
+            raise Unsupported("topk of a non-monotone elementwise function of a Gaussian (no order statistics)")
+        f = fn if largest else (lambda z, fn=fn: -fn(-z))
+        key = ("gauss", n, k, largest, float(f"{mean:.4g}"), float(f"{std:.4g}"), s.trace[2] if s.trace else "x")
+        hit = _TOPK_MEMO.get(key)
+        if hit is None:
+            hit = _TOPK_MEMO[key] = _order_stat_moments(f, mean if largest else -mean, std, n, k)
+        m1, m2 = hit
+        m1 = m1 if largest else -m1
+    rms = sympy.Float(math.sqrt(max(m2, 0.0)), 6)
+    corr = sympy.Float(min(m1 * m1 / m2, 1.0), 6) if m2 > 0 else ZERO
+    return (Stat(rms, corr, sympy.Float(m1, 6)), None)
+
+
+def _topk_bwd(ctx: RuleContext, grads: Any) -> dict:
+    """The values' gradient is scattered into ``k`` of the ``n`` positions along ``dim``, zeros
+    elsewhere: ``RMS = g * sqrt(k / n)`` exactly."""
+    g = grads[0] if isinstance(grads, (tuple, list)) else grads
+    if g is None:
+        return {}
+    dim = int(ctx.arg("dim", -1))
+    shp = ctx.shape(0)
+    k = _S(ctx.arg("k"))
+    n = shp[dim] if shp else ONE
+    return {ctx.name_of(0): Stat(g.rms * sympy.sqrt(_safe_div(k, n)), g.corr)}
+
+
+register(aten.topk, name="topk", kind="other", backward=_topk_bwd)(_topk_fwd)
+
+
+def _topk_row_sum(ctx: RuleContext) -> Stat | None:
+    """``sum`` over the ``dim`` of a softmax ``topk``'s values (a router's renormalisation
+    ``v / v.sum(-1, keepdim=True)``): the values of one row are dependent order statistics, so the
+    row sum's moments are those the topk rule evaluated jointly (``_softmax_topk_moments``), not
+    those of a sum of independent terms."""
+    x = ctx.arg(0)
+    if not (isinstance(x, fx.Node) and x.target is operator.getitem and x.args[1] == 0
+            and isinstance(x.args[0], fx.Node) and "_us_topk_sum" in x.args[0].meta):
+        return None
+    dim, rs1, rs2 = x.args[0].meta["_us_topk_sum"]
+    dims = ctx.arg("dim")
+    nd = len(ctx.shape(0))
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if [d % nd for d in dims] != [dim % nd] or ctx.arg("dtype") is not None:
+        return None
+    return Stat(sympy.Float(math.sqrt(rs2), 6), sympy.Float(min(rs1 * rs1 / rs2, 1.0), 6), sympy.Float(rs1, 6))

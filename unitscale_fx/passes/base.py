@@ -36,7 +36,9 @@ class TransformState:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     param_roles: dict[str, str] = field(default_factory=dict)
     param_stats: dict[str, Any] = field(default_factory=dict)
-    original_analysis: Any = None
+    #: a forward analysis of the graph as it stands, handed from pass to pass (and to the final
+    #: report) instead of analysing from scratch each time. A pass that changes the graph either
+    #: keeps it current (visiting what it inserts) and sets it again, or the PassManager drops it.
     final_analysis: Any = None
     skipped_nodes: set = field(default_factory=set)
     _size_nodes: dict[sympy.Symbol, fx.Node] = field(default_factory=dict)
@@ -51,7 +53,10 @@ class Pass:
 
 
 class PassManager:
-    """Runs passes in order; lints and recompiles after each; names the failing pass."""
+    """Runs passes in order; lints after each, recompiles once at the end; names the failing pass.
+
+    (Passes work on the graph, never on the generated code, so one ``recompile`` suffices; it is
+    the slow step for a graph of thousands of nodes.)"""
 
     def __init__(self, passes: Sequence[Pass]):
         self.passes = list(passes)
@@ -59,11 +64,13 @@ class PassManager:
     def __call__(self, gm: fx.GraphModule, state: TransformState) -> fx.GraphModule:
         ran: list[str] = []
         for p in self.passes:
+            handed = state.final_analysis
             try:
                 res = p(gm, state)
                 gm = res.gm
                 gm.graph.lint()
-                gm.recompile()
+                if res.modified and state.final_analysis is handed:
+                    state.final_analysis = None  # the graph changed under it
             except UnitScaleError:
                 raise
             except Exception as e:
@@ -72,6 +79,7 @@ class PassManager:
                 ) from e
             state.counts[p.name] = dict(res.counts)
             ran.append(p.name)
+        gm.recompile()
         return gm
 
 

@@ -39,9 +39,11 @@ class UnitScaleBackward(Pass):
 
     def __call__(self, gm: fx.GraphModule, state: TransformState) -> PassResult:
         cap = state.capture
-        ga = GraphAnalysis(gm, hints=dict(state.hints), param_stats=dict(state.param_stats),
-                           example_values=dict(cap.example_values))
-        ga.run_forward()
+        ga = state.final_analysis
+        if ga is None or ga.gm is not gm:
+            ga = GraphAnalysis(gm, hints=dict(state.hints), param_stats=dict(state.param_stats),
+                               example_values=dict(cap.example_values))
+            ga.run_forward()
         ga.run_backward()
         D: dict[fx.Node, sympy.Expr] = {}
         edges: list[tuple[fx.Node, fx.Node, sympy.Expr]] = []
@@ -103,6 +105,9 @@ class UnitScaleBackward(Pass):
                 if k in n.meta:
                     g.meta[k] = n.meta[k]
             c.replace_input_with(n, g)
+            if isinstance(factor, fx.Node):
+                ga.visit(factor)
+            ga.visit(g)  # forward: the identity (the analysis stays that of the graph as it stands)
             count += 1
         for n, dn in D.items():
             rec = n.meta.get(META_KEY)
@@ -110,6 +115,7 @@ class UnitScaleBackward(Pass):
                 rec.grad_factor = dn
                 if dn != 1:
                     rec.factors["bwd"] = dn
+        state.final_analysis = ga  # forward records current; the pipeline re-runs the backward
         return PassResult(gm, count > 0, {"grad_scale": count})
 
     @staticmethod
