@@ -33,14 +33,18 @@ EAGER = Config(compile=False)
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 # Measured with torch 2.13.0 on CPU for SIZES (docs/benchmarks.md, "kernel census"): inductor
-# leaves 15 loop nests (of 71) that only multiply by a scale. Forward (3): the attention output
-# between the SDPA and the c_proj mm (2 nests) and the logits (an output, after the head mm).
-# Backward (12): 5 weight gradients after their extern mm, 4 activation gradients next to an
-# mm, and the q/k/v gradients between the SDPA backward and the qkv mm. The compiled original
-# (nanogpt_sdpa) has 0 of 60. Every one sits next to an extern kernel (mm, SDPA) that inductor
-# cannot fuse a pointwise op into; driving the figure to 0 needs the passes to move those
-# multiplies (see docs/benchmarks.md). The bound guards against regressions.
-MAX_STANDALONE_SCALE_NESTS = 15
+# leaves 14 loop nests that only scale (15 before this session's changes). Forward (2): the
+# attention output entering c_proj (one nest, scale + the layout copy: the multiply sits after the
+# transpose/reshape, it used to take two nests) and the logits (a graph output, after the head mm).
+# Backward (12): 6 weight gradients after their extern mm, 3 activation gradients entering an mm,
+# and the q, k, v gradients between the SDPA backward and the qkv mm (the layout copy the original
+# needs too, plus the scale). Scales that depend on the sequence length through the attention
+# statistics are one opaque call each (``unitscale_fx::size_scale``, computed once per step); the
+# partitioner puts the backward-only ones in the backward graph, where those extern calls split
+# the q/k/v nest in three. The compiled original (nanogpt_sdpa) has 0 of 60. Each sits next to an
+# extern kernel (mm, SDPA) that inductor cannot fuse a pointwise op into on this backend. The
+# bound guards against regressions; the cost is measured by benchmarks/train_step.py.
+MAX_STANDALONE_SCALE_NESTS = 14
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,7 @@ from .config import Config
 from .errors import ConfigError, MissingRuleError, MissingRuleWarning
 from .passes.base import PassManager, TransformState
 from .passes.canonicalize import ModeAwareOps, SplitBias
+from .passes.functionalize import FunctionalizeInPlace
 from .passes.reinit import PlanInit, apply_init
 from .passes.scale_backward import UnitScaleBackward
 from .passes.scale_forward import UnitScaleForward
@@ -67,7 +68,7 @@ class TransformResult(AnalysisResult):
 
 def build_passes(config: Config):
     """The pipeline, in order. Each pass is a small named unit (see unitscale_fx.passes)."""
-    passes: list = [ModeAwareOps()]
+    passes: list = [FunctionalizeInPlace(), ModeAwareOps()]
     if config.fuse_attention:
         from .passes.fuse_attention import FuseAttention
 

@@ -5,8 +5,9 @@
 * :func:`scale_value` turns a symbolic scale (a sympy expression in shape symbols) into a 0-d
   tensor computed from the runtime sizes with torch ops, so that ``torch.compile(dynamic=True)``
   keeps the sizes symbolic instead of specialising on them.
-* :func:`size_function` evaluates a scale computed by Python code from the sizes (a custom op,
-  opaque to ``torch.compile``; see :mod:`unitscale_fx.analysis.sizefn`).
+* :func:`size_scale` evaluates a scale expression with size functions (scales computed by Python
+  code from the sizes, see :mod:`unitscale_fx.analysis.sizefn`) in Python floats: a custom op,
+  opaque to ``torch.compile``, memoised per sizes.
 * :func:`dropout` reads the owning module's ``training`` flag, so ``train()``/``eval()`` work on
   the captured graph.
 """
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["grad_scale", "scale_value", "dropout", "batch_norm", "ModeFlag", "compile_expr", "size_function"]
+__all__ = ["grad_scale", "scale_value", "dropout", "batch_norm", "ModeFlag", "compile_expr", "size_function",
+           "size_scale", "register_size_scale"]
 
 
 class _GradScale(torch.autograd.Function):
@@ -78,6 +80,50 @@ def size_function(slot: int, sizes: list[int]) -> torch.Tensor:
 @size_function.register_fake
 def _size_function_fake(slot: int, sizes: list[int]) -> torch.Tensor:
     return torch.empty((), dtype=torch.float64)
+
+
+@torch.library.custom_op("unitscale_fx::size_scale", mutates_args=())
+def size_scale(key: int, sizes: list[int]) -> torch.Tensor:
+    """Scale expression ``key`` (registered by :func:`register_size_scale`) at ``sizes``, evaluated
+    in Python floats and memoised: a 0-d float64 tensor. Opaque to ``torch.compile`` (the sizes stay
+    symbolic; the value is one scalar the kernels load, not a formula they recompute per element)."""
+    fn = _SIZE_SCALES[key]
+    sizes = tuple(int(s) for s in sizes)
+    v = fn.memo.get(sizes)
+    if v is None:
+        if len(fn.memo) >= _MAX_VALUES:
+            fn.memo.clear()
+        v = fn.memo[sizes] = fn(sizes)
+    return torch.tensor(v, dtype=torch.float64)
+
+
+@size_scale.register_fake
+def _size_scale_fake(key: int, sizes: list[int]) -> torch.Tensor:
+    return torch.empty((), dtype=torch.float64)
+
+
+class _SizeScale:
+    """A scale expression as a function of the sizes, in floats (``analysis.evaluate.Evaluator``)."""
+
+    def __init__(self, expr: sympy.Expr, symbols: list[sympy.Symbol]):
+        self.expr, self.symbols, self.memo = expr, list(symbols), {}
+
+    def __call__(self, sizes: tuple[int, ...]) -> float:
+        from .analysis.evaluate import Evaluator
+
+        v = Evaluator(dict(zip(self.symbols, sizes)))(self.expr)
+        if v is None or not math.isfinite(v):
+            raise ValueError(f"unitscale_fx: scale {self.expr} is not a finite number at sizes {sizes}")
+        return float(v)
+
+
+_SIZE_SCALES: list[_SizeScale] = []
+
+
+def register_size_scale(expr: sympy.Expr, symbols: list[sympy.Symbol]) -> int:
+    """Register ``expr`` (in ``symbols``, with size functions) for :func:`size_scale`; its key."""
+    _SIZE_SCALES.append(_SizeScale(sympy.sympify(expr), symbols))
+    return len(_SIZE_SCALES) - 1
 
 
 #: sympy function -> name of the torch function computing it on a float64 tensor.
@@ -205,18 +251,18 @@ def _as_f64(v: Any) -> torch.Tensor:
 def scale_value(key: int, *sizes: Any) -> torch.Tensor:
     """Evaluate registered scale expression ``key`` at runtime sizes (see ``compile_expr``).
 
-    Eagerly (plain int sizes, no ``torch.compile`` tracing, no fake/dispatch mode, not in
-    inference mode) the 0-d result is memoised per ``(key, sizes)``, so the eager graph does not
+    Eagerly (plain int sizes or size-function values, no ``torch.compile`` tracing, no
+    fake/dispatch mode, not in inference mode) the 0-d result is memoised per ``(key, sizes)``, so the eager graph does not
     recompute every scale value at every call. Under ``torch.compile`` the expression is always
     traced (sizes stay symbolic).
     """
     if (
         not torch.compiler.is_compiling()
-        and all(type(s) is int for s in sizes)
+        and all(type(s) is int or _plain_scalar(s) for s in sizes)
         and not torch.is_inference_mode_enabled()
         and _get_current_dispatch_mode() is None
     ):
-        k = (key, sizes)
+        k = (key, tuple(s if type(s) is int else float(s) for s in sizes))
         v = _VALUES.get(k)
         if v is None:
             v = _EXPRS[key](*sizes)
@@ -226,6 +272,11 @@ def scale_value(key: int, *sizes: Any) -> torch.Tensor:
                 _VALUES[k] = v
         return v
     return _EXPRS[key](*sizes)
+
+
+def _plain_scalar(s: Any) -> bool:
+    """A 0-d CPU tensor of this process (a size function's value), usable as a memo key."""
+    return type(s) is torch.Tensor and s.dim() == 0 and s.device.type == "cpu" and not s.requires_grad
 
 
 #: eager memo of :func:`scale_value` (0-d float64 CPU tensors), bounded

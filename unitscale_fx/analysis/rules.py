@@ -1471,6 +1471,7 @@ def _scale_value_fwd(ctx: RuleContext) -> Stat:
 
 
 register(_rt.scale_value, name="scale_value", kind="scale")(_scale_value_fwd)
+register(torch.ops.unitscale_fx.size_scale.default, name="size_scale", kind="scale")(_scale_value_fwd)
 
 
 def _grad_scale_factor(ctx: RuleContext) -> sympy.Expr:

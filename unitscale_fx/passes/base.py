@@ -13,8 +13,9 @@ import sympy
 import torch
 import torch.fx as fx
 
+from ..analysis.sizefn import SizeFunction
 from ..errors import PassError, UnitScaleError
-from ..runtime import register_expr, scale_value
+from ..runtime import register_expr, register_size_scale, scale_value
 
 __all__ = ["Pass", "PassResult", "PassManager", "TransformState", "materialize"]
 
@@ -42,6 +43,7 @@ class TransformState:
     final_analysis: Any = None
     skipped_nodes: set = field(default_factory=set)
     _size_nodes: dict[sympy.Symbol, fx.Node] = field(default_factory=dict)
+    _opaque_nodes: dict[sympy.Expr, fx.Node] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -101,16 +103,49 @@ def _size_node(gm: fx.GraphModule, state: TransformState, s: sympy.Symbol) -> fx
     raise UnitScaleError(f"no input dimension carries the shape symbol {s}")
 
 
+def _opaque(e: sympy.Expr) -> bool:
+    """Evaluate ``e`` in Python (``size_scale``) rather than as traced torch ops: it has size
+    functions, or powers other than square roots, squares and reciprocals (``seq ** 0.48`` from a
+    power-law fit), which inductor would recompute for every element of the kernels using them."""
+    if e.atoms(SizeFunction):
+        return True
+    cheap = {sympy.Rational(k, 2) for k in (-4, -3, -2, -1, 1, 2, 3, 4)}
+    return any(p.exp not in cheap for p in e.atoms(sympy.Pow) if p.free_symbols)
+
+
 def materialize(gm: fx.GraphModule, state: TransformState, expr: Any, before: fx.Node) -> Any:
-    """A graph value for the scale ``expr``: a float, or a node computing it from input sizes."""
+    """A graph value for the scale ``expr``: a float, or a node computing it from input sizes.
+
+    A closed form in the sizes becomes torch ops (``runtime.scale_value``) that ``torch.compile``
+    traces and fuses. An expression with size functions (:mod:`~unitscale_fx.analysis.sizefn`,
+    e.g. an attention scale of the sequence length) is evaluated whole, in Python, by the opaque
+    custom op ``unitscale_fx::size_scale`` (once per step and memoised per sizes): inlined into the
+    kernels that use it, its powers and reciprocals would be recomputed for every element."""
     e = sympy.sympify(expr)
     if not e.free_symbols:
         return float(e.evalf())
     syms = sorted(e.free_symbols, key=str)
     sizes = [_size_node(gm, state, s) for s in syms]
-    key = register_expr(e, syms)
-    with gm.graph.inserting_before(before):
-        node = gm.graph.call_function(scale_value, (key, *sizes))
+    if _opaque(e):
+        node = state._opaque_nodes.get(e)
+        if node is not None:
+            return node
+        key = register_size_scale(e, syms)
+        # at the top, with the size nodes (it depends on nothing else): an extern call in the
+        # middle of the graph would split inductor's kernels, and in the backward graph it is then
+        # a saved scalar instead of a call
+        setup = set(state._size_nodes.values()) | set(state._opaque_nodes.values())
+        last = None
+        for n in gm.graph.nodes:
+            if n.op == "placeholder" or n in setup:
+                last = n
+        with gm.graph.inserting_after(last):
+            node = gm.graph.call_function(torch.ops.unitscale_fx.size_scale.default, (key, sizes))
+        state._opaque_nodes[e] = node
+    else:
+        key = register_expr(e, syms)
+        with gm.graph.inserting_before(before):
+            node = gm.graph.call_function(scale_value, (key, *sizes))
     node.meta["val"] = torch.empty((), dtype=torch.float64, device="meta")
     node.meta["_us_expr"] = e
     return node

@@ -77,13 +77,23 @@ class UnitScaleForward(Pass):
             v = value(st.rms)
             return v is not None and v > 0 and math.isfinite(v) and abs(math.log2(v)) > _TOL
 
-        def scale_after(node: fx.Node, expr: Any, role: str) -> fx.Node:
-            with gm.graph.inserting_after(node):
-                m = gm.graph.call_function(aten.mul.Tensor, (node, 1.0))
-            node.replace_all_uses_with(m, delete_user_cb=lambda u: u is not m)
+        def scale_after(node: fx.Node, expr: Any, role: str, through_views: bool = False) -> fx.Node:
+            # ``through_views``: multiply after the chain of layout ops that follows ``node`` (an
+            # attention output's transpose / contiguous / reshape): the same function, and
+            # inductor then fuses the multiply into the copy the layout change needs anyway
+            # instead of materialising a scaled tensor in the old layout first
+            anchor = node
+            if through_views:
+                chain = _layout_chain(node)
+                for v in chain:
+                    ga.visit(v)  # visited again in order later (records are recomputed)
+                anchor = chain[-1] if chain else node
+            with gm.graph.inserting_after(anchor):
+                m = gm.graph.call_function(aten.mul.Tensor, (anchor, 1.0))
+            anchor.replace_all_uses_with(m, delete_user_cb=lambda u: u is not m)
             factor = materialize(gm, state, expr, m)
-            m.args = (node, factor)
-            _copy_meta(node, m)
+            m.args = (anchor, factor)
+            _copy_meta(anchor, m)
             if isinstance(factor, fx.Node):
                 ga.visit(factor)
             rec = ga.visit(m)
@@ -152,7 +162,7 @@ class UnitScaleForward(Pass):
                     counts["matmul"] += 1
             elif kind == "attention" or (kind == "matmul" and _softmax_probs(node.args[0], ga) is not None):
                 if off_unit(rec.fwd):
-                    scale_after(node, 1 / rec.fwd.rms, "attention")
+                    scale_after(node, 1 / rec.fwd.rms, "attention", through_views=True)
                     counts["attention"] += 1
             elif rname == "add" and node.meta.get("_us_residual"):
                 pass
@@ -204,6 +214,23 @@ class UnitScaleForward(Pass):
         scale_operand(node, branch, w_branch / s_branch.rms, "residual_branch")
         scale_operand(node, skip, w_skip / s_skip.rms, "residual_skip")
         node.meta[META_KEY] = node.meta.get(META_KEY)
+
+
+#: ops that only change the layout (or make it contiguous) of one tensor
+_LAYOUT_OPS = {aten.transpose.int, aten.permute.default, aten.contiguous.default, aten.clone.default,
+               aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
+
+
+def _layout_chain(node: fx.Node) -> list[fx.Node]:
+    """The single-user layout ops that follow ``node`` (first argument to first argument)."""
+    chain, cur = [], node
+    while len(cur.users) == 1:
+        (u,) = cur.users
+        if u.op != "call_function" or u.target not in _LAYOUT_OPS or u.args[0] is not cur:
+            break
+        chain.append(u)
+        cur = u
+    return chain
 
 
 def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
