@@ -17,6 +17,7 @@ from .config import Config
 from .errors import ConfigError, MissingRuleError, MissingRuleWarning
 from .passes.base import PassManager, TransformState
 from .passes.canonicalize import ModeAwareOps, SplitBias
+from .passes.combine_scales import CombineSizeScales
 from .passes.functionalize import FunctionalizeInPlace
 from .passes.reinit import PlanInit, apply_init
 from .passes.scale_backward import UnitScaleBackward
@@ -76,6 +77,7 @@ def build_passes(config: Config):
     passes += [SplitBias(), PlanInit(init=config.init), UnitScaleForward(residual=config.residual)]
     if config.scale_backward:
         passes.append(UnitScaleBackward())
+    passes.append(CombineSizeScales())
     return passes
 
 

@@ -14,10 +14,11 @@ read e.g. the actual attention mask.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import sympy
 import torch
@@ -258,6 +259,10 @@ class GraphAnalysis:
     def run_forward(self, before: Any = None, after: Any = None) -> "GraphAnalysis":
         """Forward analysis. ``before(node)``/``after(node)`` hooks let a pass rewrite as it goes;
         nodes a hook inserts must be analysed by the hook (``self.visit``)."""
+        with _one_thread():
+            return self._run_forward(before, after)
+
+    def _run_forward(self, before: Any, after: Any) -> "GraphAnalysis":
         for node in list(self.gm.graph.nodes):
             if node.graph is not self.gm.graph:  # erased by a hook
                 continue
@@ -393,6 +398,10 @@ class GraphAnalysis:
     # ------------------------------------------------------------------ backward
     def run_backward(self, seeds: Mapping[fx.Node, Stat] | None = None) -> "GraphAnalysis":
         """Predict the true gradient statistics of every edge that carries a gradient."""
+        with _one_thread():
+            return self._run_backward(seeds)
+
+    def _run_backward(self, seeds: Mapping[fx.Node, Stat] | None) -> "GraphAnalysis":
         nodes = list(self.gm.graph.nodes)
         for node in nodes:  # a re-run (after a pass changed the graph) starts from nothing
             rec = node.meta.get(META_KEY)
@@ -541,11 +550,30 @@ def _combine(stats: list[Stat]) -> Stat | None:
     return Stat(sympy.sqrt(total), corr)
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the analysis' small-tensor numerics (quadrature, constant folding) on one intra-op
+    thread: on a busy machine, OpenMP barriers made them ten times slower with two threads."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _forward_scale(node: fx.Node, rule: Any) -> bool:
     """A scale value that multiplies a forward activation: it keeps its symbolic expression (its
     value at the hints would lose the dependence on the runtime sizes, e.g. of an attention scale
     on the sequence length, and downstream predictions would no longer cancel it). Backward-only
     factors (``grad_scale`` arguments) are constants of the prediction at the hints."""
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        parent = lookup(node.args[0].target) if node.args[0].op == "call_function" else None
+        if parent is not None and parent.kind == "scale":  # one value of combined scales
+            rule = parent
     if rule is None or rule.kind != "scale":
         return False
     return any(u.op != "call_function" or u.target is not grad_scale for u in node.users)

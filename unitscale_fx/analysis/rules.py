@@ -1474,6 +1474,13 @@ register(_rt.scale_value, name="scale_value", kind="scale")(_scale_value_fwd)
 register(torch.ops.unitscale_fx.size_scale.default, name="size_scale", kind="scale")(_scale_value_fwd)
 
 
+def _size_scales_fwd(ctx: RuleContext) -> tuple:
+    return tuple(Stat(sympy.Abs(e), ONE, e) for e in ctx.node.meta.get("_us_exprs", ()))
+
+
+register(torch.ops.unitscale_fx.size_scales.default, name="size_scales", kind="scale")(_size_scales_fwd)
+
+
 def _grad_scale_factor(ctx: RuleContext) -> sympy.Expr:
     f = ctx.node.args[1]
     if isinstance(f, fx.Node):
