@@ -1,6 +1,8 @@
 """Unit initialisation: decide each parameter's role from how the graph uses it.
 
-* ``weight``: operand of a matmul, convolution or embedding -> ``N(0, 1)`` (unit RMS);
+* ``weight``: operand of a matmul, convolution or embedding, or a learned token / table of 2+
+  dims added to or concatenated with the activations (a CLS token, a position table) -> ``N(0, 1)``
+  (unit RMS);
 * ``gain``: the weight of a (hand-written) norm, a 1-D multiplier -> ones;
 * ``bias``: added to an activation -> zeros;
 * anything else is left as it is.
@@ -60,6 +62,12 @@ def param_roles(gm: fx.GraphModule) -> dict[str, str]:
                 role = role or "gain"
             elif rule is not None and rule.name in ("add", "sub") and t.dim() == 1:
                 role = role or "bias"
+            elif rule is not None and rule.name in ("add", "cat") and t.dim() >= 2 and t.is_floating_point():
+                # a learned token or table added to / concatenated with the activations (ViT's CLS
+                # token and position table): an embedding, so unit like one. Left at a small init
+                # (0.02), the CLS row of the stream has a tiny norm, and the first LayerNorm's
+                # backward (divided by the row's sigma) blew its gradient up 20x
+                role = role or "weight"
         roles[str(node.target)] = role or "keep"
     return roles
 
