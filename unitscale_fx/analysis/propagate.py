@@ -376,7 +376,7 @@ class GraphAnalysis:
     def _input_stat(self, node: fx.Node) -> Stat:
         v = self.example_values.get(node.name)
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != "meta":
-            return Stat(sympy.Float(_rms(v), 6), sympy.Integer(0))
+            return Stat(sympy.Float(_rms(v), 6), sympy.Float(_token_corr(node, v), 6))
         s = sympy.Symbol(f"sigma_{node.name}", positive=True)
         self.symbol_hints.setdefault(s, 1.0)
         return Stat(s, sympy.Integer(0))
@@ -563,6 +563,25 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def _token_corr(node: fx.Node, v: torch.Tensor) -> float:
+    """Cross-token correlation of a float input ``[batch, tokens, features]`` (embeddings fed to
+    the model): ``E[x_i . x_j] / E[x_i . x_i]`` over token pairs of one sample, from the example
+    value. 0 for other layouts (a convolution's ``[batch, channels, length]`` has no tokens on dim 1).
+    A shared component across a sequence changes attention outputs and weight gradients a lot."""
+    if v.dim() != 3 or v.shape[1] < 2 or v.numel() == 0:
+        return 0.0
+    if any(u.op == "call_function" and getattr(lookup(u.target), "name", None) == "conv" for u in node.users):
+        return 0.0
+    with torch.no_grad():
+        x = v.detach().double()
+        ms = x.pow(2).sum(-1).mean()
+        if ms <= 0:
+            return 0.0
+        S = x.shape[1]
+        pair = (x.sum(1).pow(2).sum(-1).mean() - S * ms) / (S * (S - 1))
+        return float(min(max(pair / ms, 0.0), 1.0))
 
 
 def _forward_scale(node: fx.Node, rule: Any) -> bool:

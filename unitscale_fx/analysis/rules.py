@@ -46,6 +46,7 @@ def _seq_corr_factor(ctx: RuleContext, in_shape: Any, out_shape: Any, corr: Any)
     (and 0 across sequences) has variance ``n * (1 + (S - 1) c)`` instead of ``n``. The copies
     summed are the dims of ``out_shape`` that ``in_shape`` broadcasts over; they include the
     sequence when their product covers the tokens of one sample (``ctx.analysis.tokens_per_sample``).
+    Both shapes end with the feature dim (a parameter gradient's rows: pass ``rows + [1]``).
     """
     c = ctx.analysis.value_of(corr) if corr is not None else None
     if not c or c <= 0:
@@ -693,7 +694,7 @@ def _mm_bwd(ctx: RuleContext, g: Stat) -> dict:
         sk = sa_shape[-1]
         out[b] = Stat(g.rms * sympy.sqrt(sq * probs / sk), g.corr)
     else:
-        f = _seq_corr_factor(ctx, [1] * (len(sa_shape) - 1), list(sa_shape[:-1]), g.corr * sa.corr)
+        f = _seq_corr_factor(ctx, [1] * len(sa_shape), list(sa_shape[:-1]) + [1], g.corr * sa.corr)
         out[b] = Stat(g.rms * sympy.sqrt(rows) * sa.rms * f, ZERO)
     return out
 
@@ -718,11 +719,11 @@ def _linear_bwd(ctx: RuleContext, g: Stat) -> dict:
     n = ctx.shape("weight")[0]
     tokens = ctx.tokens("input")
     rows = list(ctx.shape("input"))[:-1]
-    fw = _seq_corr_factor(ctx, [1] * len(rows), rows, g.corr * sx.corr)
+    fw = _seq_corr_factor(ctx, [1] * (len(rows) + 1), rows + [1], g.corr * sx.corr)
     out = {"input": Stat(g.rms * sympy.sqrt(n) * sw.rms, g.corr),
            "weight": Stat(g.rms * sympy.sqrt(tokens) * sx.rms * fw, ZERO)}
     if ctx.is_tensor("bias"):
-        fb = _seq_corr_factor(ctx, [1] * len(rows), rows, g.corr)
+        fb = _seq_corr_factor(ctx, [1] * (len(rows) + 1), rows + [1], g.corr)
         out["bias"] = Stat(g.rms * sympy.sqrt(tokens) * fb, ZERO)
     return out
 
