@@ -324,10 +324,10 @@ def _is_head(node: fx.Node, ga: GraphAnalysis) -> bool:
                 frontier.append(u)
                 continue
             if _rule_name(u) == "add" and all(
-                a is n or (isinstance(a, fx.Node) and a.op == "get_attr") or not isinstance(a, fx.Node)
+                a is n or not isinstance(a, fx.Node) or a.op == "get_attr" or not ga.requires_grad(a)
                 for a in u.args[:2]
             ):
-                frontier.append(u)  # the head's own bias (split from the matmul)
-                continue
+                frontier.append(u)  # the head's own bias (split from the matmul), or a constant
+                continue            # one (BART's final_logits_bias buffer, cast with .to())
             return False
     return reached_loss_or_out
