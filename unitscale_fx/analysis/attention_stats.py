@@ -344,6 +344,8 @@ class AttentionStats:
             the softmax sees; not the raw second moment of the scores).
         sum_p2: ``E[sum_j p_j^2]`` averaged over queries (``1/n_eff``: the inverse of the effective
             number of keys a query attends to).
+        grad_q_corr: cross-token correlation of ``grad_q``: the k-v coupling part is linear in the
+            output gradient ``g_i`` and carries its correlation; the diffuse part carries none.
     """
 
     out_rms: sympy.Expr
@@ -353,6 +355,7 @@ class AttentionStats:
     grad_v_rms: sympy.Expr
     logit_var: sympy.Expr
     sum_p2: sympy.Expr
+    grad_q_corr: sympy.Expr = sympy.Integer(0)
 
 
 def _qnorm_nodes(d: sympy.Expr) -> list[tuple[sympy.Expr, sympy.Expr]]:
@@ -479,4 +482,5 @@ def attention_stats(
         grad_v_rms=_finish(_prod(g, _sqrt(gv_ms))),
         logit_var=_tidy(s2),
         sum_p2=_finish(F),
+        grad_q_corr=_finish(gc * coh_q / gq_ms) if not (kvc.is_number and kvc == 0) else sympy.Integer(0),
     )

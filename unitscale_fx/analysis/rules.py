@@ -1254,7 +1254,7 @@ def _sdpa_bwd(ctx: RuleContext, g: Stat) -> dict:
     if p > 0:
         g = Stat(g.rms * sympy.Float(1 / math.sqrt(1 - p), 8), g.corr)
     st = _attention_stats(ctx, q, k, v, sq, sk, d, scale, kind, counts, rep, g=g)
-    out = {"query": Stat(st.grad_q_rms, ZERO), "key": Stat(st.grad_k_rms, ZERO),
+    out = {"query": Stat(st.grad_q_rms, _clip01(sympy.sympify(st.grad_q_corr))), "key": Stat(st.grad_k_rms, ZERO),
            "value": Stat(st.grad_v_rms, _grad_v_corr(ctx, st, g, sq, sk, rep))}
     mask = ctx.arg("attn_mask")
     if isinstance(mask, fx.Node) and ctx.analysis.requires_grad(mask):
