@@ -1100,6 +1100,16 @@ def print_report(report: Report, file: Any = None, *, source: bool = False) -> N
 # ============================================================================================
 
 
+def _computes_scale(node: fx.Node) -> bool:
+    """A scale value evaluated in Python (``unitscale_fx::size_scale(s)``) or one picked from them."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    ns = getattr(node.target, "namespace", None)
+    return ns == "unitscale_fx" and "size_scale" in str(node.target)
+
+
 def _op_name(node: fx.Node) -> str:
     if node.op == "placeholder":
         return "input"
@@ -1313,7 +1323,7 @@ class _Builder:
             kind = "input"
         elif node.op == "get_attr":
             kind = "parameter"
-        elif op == "scale_value":
+        elif op == "scale_value" or _computes_scale(node):
             kind = "scale_value"
         else:
             kind = "activation"
