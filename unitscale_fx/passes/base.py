@@ -25,6 +25,8 @@ class PassResult:
     gm: fx.GraphModule
     modified: bool
     counts: dict[str, int] = field(default_factory=dict)
+    #: the pass kept ``state.final_analysis`` current (it visited every node it inserted)
+    analysis_current: bool = False
 
 
 @dataclass
@@ -71,7 +73,7 @@ class PassManager:
                 res = p(gm, state)
                 gm = res.gm
                 gm.graph.lint()
-                if res.modified and state.final_analysis is handed:
+                if res.modified and not res.analysis_current and state.final_analysis is handed:
                     state.final_analysis = None  # the graph changed under it
             except UnitScaleError:
                 raise

@@ -67,4 +67,4 @@ class CombineSizeScales(Pass):
                 ga.visit(g)
         state._opaque_nodes.clear()
         state.final_analysis = ga  # visited: still the analysis of the graph as it stands
-        return PassResult(gm, True, {"combined": len(nodes)})
+        return PassResult(gm, True, {"combined": len(nodes)}, analysis_current=ga is not None)

@@ -107,7 +107,7 @@ class UnitScaleBackward(Pass):
             c.replace_input_with(n, g)
             if isinstance(factor, fx.Node):
                 ga.visit(factor)
-            ga.visit(g)  # forward: the identity (the analysis stays that of the graph as it stands)
+            ga.visit(g)  # its record (the identity forward); the final report re-analyses the graph
             count += 1
         for n, dn in D.items():
             rec = n.meta.get(META_KEY)
@@ -115,7 +115,8 @@ class UnitScaleBackward(Pass):
                 rec.grad_factor = dn
                 if dn != 1:
                     rec.factors["bwd"] = dn
-        state.final_analysis = ga  # forward records current; the pipeline re-runs the backward
+        # not current: a grad_scale inserted inside an elementwise chain makes the traced records of the
+        # chain's later nodes (their source node) stale, so the final report analyses afresh
         return PassResult(gm, count > 0, {"grad_scale": count})
 
     @staticmethod

@@ -173,7 +173,7 @@ class UnitScaleForward(Pass):
         ga.run_forward(before=before, after=after)
         state.counts.setdefault("analysis", {})
         state.final_analysis = ga  # every inserted node was visited: the records are current
-        return PassResult(gm, any(counts.values()), counts)
+        return PassResult(gm, any(counts.values()), counts, analysis_current=True)
 
     # ------------------------------------------------------------------------------------
     @staticmethod
