@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["grad_scale", "scale_value", "dropout", "batch_norm", "ModeFlag", "compile_expr", "size_function",
+__all__ = ["grad_scale", "scale_value", "dropout", "batch_norm", "ModeFlag", "compile_expr",
            "size_scale", "register_size_scale", "size_scales", "register_size_scale_group"]
 
 
@@ -65,20 +65,6 @@ def batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     """``F.batch_norm`` that follows ``mode.training``: batch statistics (and running-statistics
     updates) in training, the running statistics in evaluation."""
     return F.batch_norm(x, running_mean, running_var, weight, bias, mode.training, momentum, eps)
-
-
-@torch.library.custom_op("unitscale_fx::size_function", mutates_args=())
-def size_function(slot: int, sizes: list[int]) -> torch.Tensor:
-    """A registered :class:`~unitscale_fx.analysis.sizefn.SizeFunction` at ``sizes``, as a 0-d
-    float64 tensor. A custom op, so ``torch.compile`` keeps ``sizes`` symbolic and calls it."""
-    from .analysis.sizefn import value
-
-    return torch.tensor(value(slot, sizes), dtype=torch.float64)
-
-
-@size_function.register_fake
-def _size_function_fake(slot: int, sizes: list[int]) -> torch.Tensor:
-    return torch.empty((), dtype=torch.float64)
 
 
 @torch.library.custom_op("unitscale_fx::size_scale", mutates_args=())
@@ -202,18 +188,6 @@ def _source(e: sympy.Expr, names: dict[sympy.Symbol, str]) -> str:
         if p == 1.0:
             return b
         return f"torch.pow({b}, {_lit(p)})"
-    from .analysis.sizefn import SizeFunction
-
-    if isinstance(e, SizeFunction):
-        raw = []
-        for a in e.sizes:  # the integer sizes themselves (``r<i>``, kept before the float cast)
-            if a.is_Integer:
-                raw.append(str(int(a)))
-            elif a.is_Symbol:
-                raw.append("r" + names[a][1:])
-            else:
-                raise NotImplementedError(f"size function of a size expression {a} (only sizes and integers)")
-        return f"torch.ops.unitscale_fx.size_function({e.slot}, [{', '.join(raw)}])"
     if isinstance(e, sympy.polygamma) and e.args[0] == 0:
         return f"torch.special.digamma({_source(e.args[1], names)})"
     if isinstance(e, sympy.harmonic) and len(e.args) == 1:
@@ -250,7 +224,6 @@ def compile_expr(expr: sympy.Expr, symbols: list[sympy.Symbol]) -> Callable[...,
     names = {s: f"x{i}" for i, s in enumerate(symbols)}
     params = ", ".join(names[s] for s in symbols)
     lines = [f"def scale_expr({params}):", f"    # {e}"]
-    lines += [f"    r{n[1:]} = {n}" for n in names.values()]  # integer sizes (for size functions)
     lines += [f"    {n} = _as_f64({n})" for n in names.values()]
     body = _source(e, names)
     if not e.free_symbols:

@@ -12,10 +12,10 @@ the Python function registered under ``slot``:
 
 * the analysis evaluates it at the shape hints (:class:`~unitscale_fx.analysis.evaluate.Evaluator`
   knows it, and sympy evaluates it as soon as its arguments are numbers);
-* the runtime (:mod:`unitscale_fx.runtime`) lowers it to the custom op
-  ``unitscale_fx::size_function(slot, sizes)``, opaque to ``torch.compile``: the sizes stay
-  symbolic (no specialisation, no recompilation when they change) and the value is computed, and
-  memoised, per distinct sizes.
+* a scale containing one is evaluated in Python by the custom op ``unitscale_fx::size_scale``
+  (:mod:`unitscale_fx.runtime`, inserted by ``passes.base.materialize``), opaque to
+  ``torch.compile``: the sizes stay symbolic (no specialisation, no recompilation when they change)
+  and the value is computed, and memoised, per distinct sizes.
 
 Registrations live in this process (like the compiled scale expressions of the runtime): a
 transformed graph module is used in the process that transformed it.
