@@ -25,7 +25,6 @@ Everything here is pure sympy: arguments may be numbers, symbols or expressions.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import sympy
 from sympy.integrals.quadrature import gauss_hermite
 
-from .evaluate import digamma, trigamma
+from .evaluate import digamma, harmonic, trigamma
 
 __all__ = [
     "AttentionStats",
@@ -157,13 +156,10 @@ def _harmonic(S: sympy.Expr, m: int = 1) -> sympy.Expr:
     if not S.free_symbols:
         sf = float(S)
         if sf >= 0 and m in (1, 2):  # H_S = psi(S + 1) + gamma; H_S^(2) = zeta(2) - psi'(S + 1)
-            return sympy.Float(digamma(sf + 1) + _EULER_GAMMA if m == 1 else _ZETA2 - trigamma(sf + 1), 15)
+            return sympy.Float(harmonic(sf, m), 15)
         return sympy.harmonic(S, m).evalf(15)
     return sympy.harmonic(S) if m == 1 else sympy.harmonic(S, m)
 
-
-_EULER_GAMMA = 0.5772156649015329
-_ZETA2 = math.pi**2 / 6
 
 
 # ---------------------------------------------------------------------------------------------

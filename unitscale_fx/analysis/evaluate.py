@@ -21,7 +21,7 @@ import sympy
 
 from .sizefn import value as _sizefn_value
 
-__all__ = ["Evaluator", "digamma", "trigamma"]
+__all__ = ["Evaluator", "digamma", "trigamma", "harmonic"]
 
 _EULER_GAMMA = 0.5772156649015329
 _ZETA2 = math.pi**2 / 6
@@ -63,7 +63,8 @@ def _polygamma(n: float, x: float) -> float:
     raise ValueError("only polygamma of order 0 and 1 is evaluated in floats")
 
 
-def _harmonic(n: float, m: float = 1.0) -> float:
+def harmonic(n: float, m: float = 1.0) -> float:
+    """Harmonic number ``H_n`` (``m = 1``) or ``H_n^(2)`` (``m = 2``) of a real ``n >= 0``, in floats."""
     if m == 1:
         return digamma(n + 1.0) + _EULER_GAMMA
     if m == 2:
@@ -96,7 +97,7 @@ _FUNCTIONS: dict[str, Callable[..., float]] = {
     "Max": _over_args(max),
     "digamma": digamma,
     "polygamma": _polygamma,
-    "harmonic": _harmonic,
+    "harmonic": harmonic,
     "SizeFunction": lambda slot, *sizes: _sizefn_value(int(slot), [int(round(x)) for x in sizes]),
 }
 
