@@ -6,6 +6,7 @@ copied from the probe's output.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -168,6 +169,47 @@ def test_sdpa_cpu_forward_backward(dtype: torch.dtype, causal: bool) -> None:
     for name, t in (("query", q), ("key", k), ("value", v)):
         assert close(roles[name].rms, rms(t))
     assert all(r.phase == "backward" for r in bwd)
+
+
+@pytest.mark.parametrize("mask_kind", ["float_bias", "none"])
+def test_sdpa_math_path_is_recorded_as_one_attention_op(mask_kind: str) -> None:
+    """With dropout, CPU SDPA runs the math fallback, whose pieces (``bmm`` of ``q*sqrt(scale)``,
+    of the probabilities...) a fused kernel never exposes. The probe records the call as the
+    attention op (q, k, v forward; grad_out, q, k, v backward) and none of the pieces, and the
+    step computes exactly what it computes without the probe."""
+    B, H, T, D = 2, 3, 9, 16
+    q = (torch.randn(B, H, T, D) * 2.0).requires_grad_()
+    k = (torch.randn(B, H, T, D) * 0.5).requires_grad_()
+    v = torch.randn(B, H, T, D).requires_grad_()
+    bias = torch.randn(H, T, T).requires_grad_() if mask_kind == "float_bias" else None
+    c = torch.randn(B, H, T, D)
+    leaves = [t for t in (q, k, v, bias) if t is not None]
+    assert torch._fused_sdp_choice(q, k, v, bias, 0.1, False) == 0  # the math backend
+
+    def step(probe: ScaleProbe | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for t in leaves:
+            t.grad = None
+        torch.manual_seed(1)
+        with probe if probe is not None else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.1)
+            (out * c).pow(2).sum().backward()
+        return out.detach(), [t.grad.clone() for t in leaves]
+
+    out_ref, grads_ref = step(None)
+    torch.manual_seed(1)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.1)
+    (g_ref,) = torch.autograd.grad((ref * c).pow(2).sum(), ref)
+    probe = ScaleProbe()
+    out, grads = step(probe)
+    assert torch.equal(out, out_ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+    res = probe.result()
+    assert {r.op for r in res.records} == {"aten.scaled_dot_product_attention"}
+    assert [(r.phase, r.role) for r in res.records] == [
+        ("forward", "query"), ("forward", "key"), ("forward", "value"),
+        ("backward", "grad_out"), ("backward", "query"), ("backward", "key"), ("backward", "value")]
+    for r, t in zip(res.records, (q, k, v, g_ref, q, k, v)):
+        assert close(r.rms, rms(t), rel=1e-6), (r, rms(t))
 
 
 # ---------------------------------------------------------------------------

@@ -312,3 +312,92 @@ def test_learned_tokens_and_position_tables_get_unit_init():
     # gradient on that row, which the tensor-wide rules do not model, so not yet within [1/2, 2]
     far = {n: r for n, _, r in res.out_of_band("grads", lo=1 / 8, hi=8)}
     assert not far, far
+
+
+class _BiasedAttention(nn.Module):
+    """One attention block with a learned position bias and a given SDPA ``scale`` (T5 passes 1.0
+    and keeps its logits O(1) through the init of ``q``)."""
+
+    def __init__(self, d: int = 64, heads: int = 2, seq: int = 16, scale: float | None = 1.0):
+        super().__init__()
+        self.h, self.scale = heads, scale
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.bias = nn.Parameter(torch.randn(heads, seq, seq) * 0.1)
+        self.head = nn.Linear(d, 8)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = (f(x).view(b, s, self.h, d // self.h).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias[:, :s, :s], scale=self.scale)
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, s, d)))
+
+
+def _sdpa_nodes(m):
+    return [n for n in m.result.gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+
+
+def test_attention_scale_above_unit_temperature_is_lowered():
+    """With unit q and k, ``scale=1`` gives logits of standard deviation ``sqrt(head_dim)`` (here
+    ~5.7): an almost one-hot softmax. The transform puts the ``1/sqrt(head_dim)`` that T5 keeps in
+    its ``q`` init back into the op, and the measured logits then have unit variance."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 64)
+    m = unitscale_fx.transform(_BiasedAttention(scale=1.0), example_inputs=(x,), config=EAGER)
+    m(x)
+    (node,) = _sdpa_nodes(m)
+    assert node.kwargs["scale"] == pytest.approx(1 / math.sqrt(32))
+    assert m.result.state.counts["unit_scale_forward"]["temperature"] == 1
+    # the measured logits of the rewritten graph: unit q, k and the new scale
+    from unitscale_fx.track import measure_graph
+
+    meas = measure_graph(m.result.gm, (x,), {})
+    q_rms, k_rms = (meas[a.name].fwd for a in node.args[1:3])
+    assert 0.8 < q_rms < 1.25 and 0.8 < k_rms < 1.25
+    assert 0.8 < node.kwargs["scale"] * math.sqrt(32) * q_rms * k_rms < 1.25
+
+
+@pytest.mark.parametrize("scale", [None, 1 / math.sqrt(32), 1 / 32])
+def test_attention_scale_at_or_below_unit_temperature_is_kept(scale):
+    """Must not fire: the default scale, an explicit ``1/sqrt(d)`` and muP's ``1/d`` are the model's."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 64)
+    m = unitscale_fx.transform(_BiasedAttention(scale=scale), example_inputs=(x,), config=EAGER)
+    m(x)
+    (node,) = _sdpa_nodes(m)
+    assert node.kwargs.get("scale") == scale
+    assert m.result.state.counts["unit_scale_forward"]["temperature"] == 0
+
+
+class _ShiftRight(nn.Module):
+    """Decoder inputs built in place, as HF's ``shift_tokens_right`` does."""
+
+    def __init__(self, vocab: int = 64, d: int = 32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, labels):
+        ids = labels.new_zeros(labels.shape)
+        ids[:, 1:] = labels[:, :-1].clone()
+        ids[:, 0] = 3
+        ids.masked_fill_(ids == -100, 0)
+        return self.head(self.emb(ids))
+
+
+def test_constants_built_in_place_are_evaluated_in_graph_order():
+    """The analysis evaluates integer constants lazily; a value built by in-place writes must
+    include them (T5's decoder ids were read as all zeros, i.e. every token the same, token
+    correlation 1, and the decoder's gradients were mispredicted up to 18x). The example input
+    itself is never written to."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 64, (2, 16))
+    labels[0, 5] = -100
+    before = labels.clone()
+    res = unitscale_fx.analyse(_ShiftRight(), (labels,))
+    (emb,) = [n for n in res.gm.graph.nodes if n.target is torch.ops.aten.embedding.default]
+    expected = torch.cat([torch.full((2, 1), 3), labels[:, :-1]], 1).masked_fill(
+        torch.cat([torch.full((2, 1), 3), labels[:, :-1]], 1) == -100, 0)
+    assert torch.equal(res.analysis.const_value(emb.args[1]), expected)
+    assert torch.equal(labels, before)
+    corr = res.analysis.value_of(emb.meta[unitscale_fx.analysis.record.META_KEY].fwd.corr)
+    assert corr < 0.1  # random tokens: about 1/16 of the pairs in a row repeat, not all of them

@@ -37,9 +37,15 @@ are decomposed *above* the dispatch mode, which therefore sees ``aten.t`` +
 ``mat2`` operand (with its transposed shape); ``param`` names it when the
 probe knows the model.  ``F.scaled_dot_product_attention`` reaches the mode as
 the backend-specific op (``aten._scaled_dot_product_flash_attention_for_cpu``
-on CPU, flash/efficient/cudnn variants on CUDA), or, for the math fallback, as
-``bmm``/``matmul`` pieces.  Convolutions arrive as ``aten.convolution`` and
-``aten.convolution_backward``.
+on CPU, flash/efficient/cudnn variants on CUDA).  When the call would take the
+*math* fallback (CPU with dropout, some masks or GQA layouts), the pieces it
+decomposes into (``bmm`` of ``q * sqrt(scale)`` and ``k * sqrt(scale)``, of the
+probabilities and ``v``) are backend internals that a fused kernel never
+exposes: the probe then records the call itself, like a fused kernel - ``q``,
+``k``, ``v`` in the forward pass, ``grad_out``, ``q``, ``k``, ``v`` in the
+backward pass, as ``aten.scaled_dot_product_attention`` - and does not record
+its pieces, so results do not depend on the backend that happens to run.
+Convolutions arrive as ``aten.convolution`` and ``aten.convolution_backward``.
 
 Phase detection
 ---------------
@@ -100,6 +106,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
@@ -510,6 +517,84 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
     return (str(t.device), ptr)
 
 
+_SDPA_FUNCS = {torch.nn.functional.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+_MATH_BACKEND = 0  # torch._fused_sdp_choice: 0 = math fallback
+
+
+def _sdpa_call(args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    call = dict(zip(_SDPA_ARGS, args))
+    call.update(kwargs)
+    return call
+
+
+def _takes_math_path(call: Mapping[str, Any]) -> bool:
+    q, k, v = call.get("query"), call.get("key"), call.get("value")
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or q.device.type == "meta":
+        return False
+    chooser = getattr(torch, "_fused_sdp_choice", None)
+    if chooser is None:
+        return False
+    try:
+        extra = {n: call[n] for n in ("scale", "enable_gqa") if n in call}
+        return int(chooser(q, k, v, call.get("attn_mask"), call.get("dropout_p", 0.0),
+                           call.get("is_causal", False), **extra)) == _MATH_BACKEND
+    except Exception:  # an unknown signature: record the pieces as before
+        return False
+
+
+class _MathAttention(torch.autograd.Function):
+    """Runs a math-path SDPA with the probe's piece-recording off; records it as one op."""
+
+    @staticmethod
+    def forward(ctx: Any, probe: ScaleProbe, fn: Any, call: dict[str, Any], *tensors: torch.Tensor) -> torch.Tensor:
+        names = [n for n in ("query", "key", "value", "attn_mask") if isinstance(call.get(n), torch.Tensor)]
+        with torch.enable_grad():
+            detached = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+            inner = dict(call, **dict(zip(names, detached)))
+            with probe._pieces_hidden():
+                out = fn(**inner)
+        ctx.probe, ctx.inputs, ctx.out = probe, detached, out
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        probe, inputs, out = ctx.probe, ctx.inputs, ctx.out
+        q, k, v = inputs[:3]
+        probe._record_tensors("aten.scaled_dot_product_attention", "backward",
+                              [("grad_out", grad_out), ("query", q), ("key", k), ("value", v)])
+        wanted = [t for t in inputs if t.requires_grad]
+        with probe._pieces_hidden():
+            grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True)) if wanted else iter(())
+        ctx.inputs = ctx.out = None
+        return (None, None, None) + tuple(next(grads) if t.requires_grad else None for t in inputs)
+
+
+class _AttentionCalls(TorchFunctionMode):
+    """Routes math-path SDPA calls through :class:`_MathAttention` while the probe is active."""
+
+    def __init__(self, probe: ScaleProbe) -> None:
+        super().__init__()
+        self._probe = probe
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _SDPA_FUNCS and not self._probe._hiding():
+            call = _sdpa_call(args, kwargs)
+            if _takes_math_path(call):
+                names = [n for n in ("query", "key", "value", "attn_mask") if isinstance(call.get(n), torch.Tensor)]
+                tensors = [call[n] for n in names]
+                if names[:3] == ["query", "key", "value"]:
+                    self._probe._record_tensors("aten.scaled_dot_product_attention", None,
+                                                [(n, call[n]) for n in names[:3]])
+                    fn = torch.nn.functional.scaled_dot_product_attention
+                    if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
+                        return _MathAttention.apply(self._probe, fn, call, *tensors)
+                    with self._probe._pieces_hidden():
+                        return fn(**call)
+        return func(*args, **kwargs)
+
+
 class ScaleProbe(TorchDispatchMode):
     """Dispatch mode recording the RMS of matmul-family multiplicands (see module docstring).
 
@@ -549,6 +634,7 @@ class ScaleProbe(TorchDispatchMode):
         self._node_modules: dict[Any, tuple[str | None, str]] = {}
         self._depth = 0
         self._warned = False
+        self._attention_mode: _AttentionCalls | None = None
         if model is not None:
             self._adopt_root(model)
 
@@ -632,6 +718,9 @@ class ScaleProbe(TorchDispatchMode):
             self._stance_ctx = ctx
         self._depth += 1
         try:
+            if self._depth == 1:
+                self._attention_mode = _AttentionCalls(self)
+                self._attention_mode.__enter__()
             return super().__enter__()
         except BaseException:
             self._depth -= 1
@@ -651,6 +740,9 @@ class ScaleProbe(TorchDispatchMode):
         for h in self._hook_handles:
             h.remove()
         self._hook_handles = []
+        if self._attention_mode is not None:
+            mode, self._attention_mode = self._attention_mode, None
+            mode.__exit__(exc_type, exc_val, exc_tb)
         self._stack().clear()
         self._node_modules.clear()  # drop references to autograd nodes
         if self._stance_ctx is not None:
@@ -695,7 +787,7 @@ class ScaleProbe(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         roles = self._packets.get(func.overloadpacket)
-        if roles is not None:
+        if roles is not None and not self._hiding():
             try:
                 self._record(func, roles, args, kwargs)
             except Exception as e:  # never break the user's step because of the probe
@@ -704,8 +796,28 @@ class ScaleProbe(TorchDispatchMode):
                     warnings.warn(f"ScaleProbe: could not record {func}: {e!r}", stacklevel=2)
         return func(*args, **kwargs)
 
+    @contextlib.contextmanager
+    def _pieces_hidden(self) -> Iterator[None]:
+        """Ops dispatched inside are not recorded (the pieces of a math-path SDPA)."""
+        self._tls.hidden = getattr(self._tls, "hidden", 0) + 1
+        try:
+            yield
+        finally:
+            self._tls.hidden -= 1
+
+    def _hiding(self) -> bool:
+        return getattr(self._tls, "hidden", 0) > 0
+
     def _record(self, func: Any, roles: tuple[str, ...], args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-        phase = self.current_phase()
+        operands = []
+        for role, idx, schema_name in self._operand_positions(func, roles):
+            operands.append((role, args[idx] if idx < len(args) else kwargs.get(schema_name)))
+        self._record_tensors(f"aten.{func.overloadpacket.__name__}", None, operands, func._overloadname)
+
+    def _record_tensors(self, op: str, phase: str | None, operands: Sequence[tuple[str, Any]],
+                        overload: str = "default") -> None:
+        """Record the RMS of each floating-point tensor in ``operands`` (``(role, tensor)``) as one call."""
+        phase = self._forced_phase or phase or self.current_phase()
         module = module_type = None
         node = torch._C._current_autograd_node()
         if node is None:
@@ -718,8 +830,7 @@ class ScaleProbe(TorchDispatchMode):
             module, module_type = self._node_modules.get(node, (None, None))
         call = self._call
         recorded = False
-        for role, idx, schema_name in self._operand_positions(func, roles):
-            x = args[idx] if idx < len(args) else kwargs.get(schema_name)
+        for role, x in operands:
             if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
                 continue
             if x.device.type == "meta":
@@ -728,8 +839,8 @@ class ScaleProbe(TorchDispatchMode):
             self._pending.append(
                 _Pending(
                     call=call,
-                    op=f"aten.{func.overloadpacket.__name__}",
-                    overload=func._overloadname,
+                    op=op,
+                    overload=overload,
                     role=role,
                     phase=phase,
                     rms=tensor_rms(x),

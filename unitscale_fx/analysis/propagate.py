@@ -90,6 +90,9 @@ class GraphAnalysis:
     batch_size: int | None = None
     _const: dict[fx.Node, Any] = field(default_factory=dict)
     _const_failed: set = field(default_factory=set)
+    _mutations: list | None = field(default=None, repr=False)  # (graph position, in-place node)
+    _order: dict | None = field(default=None, repr=False)
+    _mutations_done: int = field(default=0, repr=False)
     _evaluator: Evaluator | None = field(default=None, repr=False)
     _doubled: dict = field(default_factory=dict, repr=False)  # evaluators with one size doubled
     _evaluator_key: tuple = field(default=(), repr=False)
@@ -196,6 +199,9 @@ class GraphAnalysis:
             return self._const[node]
         if node in self._const_failed:
             return None
+        self._apply_mutations_before(node)
+        if node in self._const:  # evaluated while applying them
+            return self._const[node]
         value = self._eval_const(node)
         if value is None:
             self._const_failed.add(node)
@@ -203,11 +209,30 @@ class GraphAnalysis:
             self._const[node] = value
         return value
 
+    def _apply_mutations_before(self, node: fx.Node) -> None:
+        """Evaluate, in graph order, the in-place ops that run before ``node``.
+
+        Constants are evaluated lazily, on demand, but a value built in place (``new_zeros`` then
+        ``copy_`` into a slice, ``masked_fill_``: HF's ``shift_tokens_right``) is only right once
+        the mutations that precede its use have run on the cached tensor. Every in-place node
+        before ``node`` is therefore evaluated first (those that are not constants are no-ops).
+        """
+        if self._mutations is None:
+            self._order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+            self._mutations = [(i, n) for n, i in self._order.items() if _is_inplace(n)]
+        pos = self._order.get(node)
+        while self._mutations_done < len(self._mutations):
+            i, m = self._mutations[self._mutations_done]
+            if pos is None or i >= pos:
+                return
+            self._mutations_done += 1  # before evaluating: the evaluation re-enters here
+            self.const_value(m)
+
     def _eval_const(self, node: fx.Node) -> Any:
         if node.op == "placeholder":
             v = self.example_values.get(node.name)
             if isinstance(v, torch.Tensor) and v.device.type != "meta":
-                return v
+                return v.clone()  # in-place ops of the graph must not reach the user's data
             return v if isinstance(v, (int, float, bool)) else None
         if node.op == "get_attr":
             try:
@@ -216,7 +241,7 @@ class GraphAnalysis:
                 return None
             if isinstance(t, torch.nn.Parameter) or not isinstance(t, torch.Tensor):
                 return None
-            return t if t.device.type != "meta" else None
+            return t.clone() if t.device.type != "meta" else None  # nor the module's buffers
         if node.op != "call_function" or self.requires_grad(node):
             return None
         if is_float_node(node) and any(
@@ -662,3 +687,9 @@ def analyse_graph(
 
 
 _ = (math, Iterable, normalized_kwargs)
+
+
+def _is_inplace(node: fx.Node) -> bool:
+    """Whether ``node`` calls an aten op that mutates one of its arguments."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return schema is not None and schema.is_mutable

@@ -8,7 +8,10 @@ Policy (see docs/design.md):
   reaches the loss or the outputs) gets ``1/fan_in`` instead (u-muP), so that logits start small and
   the initial loss is ``ln(vocab)``.
 * **attention** (SDPA, or softmax-probabilities @ values): q, k, v are normalised to unit RMS and the
-  output is multiplied by ``1/sigma_out``, a function of the sequence length and mask.
+  output is multiplied by ``1/sigma_out``, a function of the sequence length and mask. An SDPA whose
+  ``scale`` exceeds ``1/sqrt(head_dim)`` (T5's ``scale=1``: that model keeps its logits O(1) through
+  the init of ``q``, which unit q/k no longer carry) gets ``scale=1/sqrt(head_dim)``, so its logits
+  have unit variance like every other unit-scaled attention (``temperature`` in the counts).
 * **residual adds** ``skip + branch`` (``skip`` an ancestor of ``branch``): weighted so that each of
   the ``i`` contributions to the residual stream has the same share:
   ``sqrt(i/(i+1)) * skip + sqrt(1/(i+1)) * branch`` (``residual="running_mean"``), or
@@ -65,7 +68,8 @@ class UnitScaleForward(Pass):
         cap = state.capture
         ga = GraphAnalysis(gm, hints=dict(state.hints), param_stats=dict(state.param_stats),
                            example_values=dict(cap.example_values))
-        counts = {"matmul": 0, "head": 0, "operand": 0, "attention": 0, "residual": 0, "add": 0}
+        counts = {"matmul": 0, "head": 0, "operand": 0, "attention": 0, "temperature": 0, "residual": 0,
+                  "add": 0}
         self_ = self
 
         def value(e: Any) -> float | None:
@@ -138,6 +142,8 @@ class UnitScaleForward(Pass):
                 normalise_operands(node, names)
             elif kind == "attention":
                 normalise_operands(node, ["query", "key", "value"])
+                if self_._unit_temperature(node, ga):
+                    counts["temperature"] += 1
             elif kind == "matmul" and _softmax_probs(node.args[0], ga) is not None:
                 normalise_operands(node, [RuleContext(node, ga).name_of(1)])
             elif rname == "add" and self_._is_residual(node, ga):
@@ -176,6 +182,28 @@ class UnitScaleForward(Pass):
         return PassResult(gm, any(counts.values()), counts, analysis_current=True)
 
     # ------------------------------------------------------------------------------------
+    @staticmethod
+    def _unit_temperature(node: fx.Node, ga: GraphAnalysis) -> bool:
+        """Lower an SDPA ``scale`` above ``1/sqrt(head_dim)`` to ``1/sqrt(head_dim)``.
+
+        With unit q and k the logits of one query have variance ``scale^2 * head_dim``. A model that
+        passes ``scale=1`` (T5 and its descendants) relies on its ``q`` init (std ``1/sqrt(d_model
+        * d_kv)``) for O(1) logits; with unit q/k its logits would have standard deviation
+        ``sqrt(head_dim)`` (8 for 64-dim heads) and the softmax would start almost one-hot. Scales
+        at or below ``1/sqrt(head_dim)`` (the default, muP's ``1/head_dim``) are the model's choice
+        and are kept. Returns whether the scale was changed.
+        """
+        val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        scale = RuleContext(node, ga).arg("scale")
+        if scale is None or not isinstance(val, torch.Tensor) or not isinstance(val.shape[-1], int):
+            return False
+        unit = 1.0 / math.sqrt(val.shape[-1])
+        if not isinstance(scale, (int, float)) or float(scale) <= unit * (1 + 1e-6):
+            return False
+        node.meta.setdefault("_us_original_scale", float(scale))
+        node.kwargs = {**node.kwargs, "scale": unit}  # keyword-only in the aten schema
+        return True
+
     @staticmethod
     def _has_weight(node: fx.Node) -> bool:
         return any(_is_param_like(a) for a in node.all_input_nodes)
