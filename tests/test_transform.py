@@ -401,3 +401,51 @@ def test_constants_built_in_place_are_evaluated_in_graph_order():
     assert torch.equal(labels, before)
     corr = res.analysis.value_of(emb.meta[unitscale_fx.analysis.record.META_KEY].fwd.corr)
     assert corr < 0.1  # random tokens: about 1/16 of the pairs in a row repeat, not all of them
+
+
+class _SoftCapLM(nn.Module):
+    """Gemma-2-style: soft-capped attention logits (which no fused kernel computes, so the
+    attention stays hand-written) and soft-capped final logits."""
+
+    def __init__(self, vocab: int = 256, d: int = 64, heads: int = 2, cap: float = 30.0):
+        super().__init__()
+        self.h, self.cap = heads, cap
+        self.emb = nn.Embedding(vocab, d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids, labels):
+        b, s = ids.shape
+        x = self.emb(ids)
+        q, k, v = (t.view(b, s, self.h, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        logits = torch.tanh(logits / 50.0) * 50.0
+        logits = logits.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+        a = torch.softmax(logits, -1) @ v
+        x = x + self.o(a.transpose(1, 2).reshape(b, s, -1))
+        out = self.head(self.norm(x))
+        out = torch.tanh(out / self.cap) * self.cap
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1))
+
+
+def test_unfused_attention_probabilities_and_soft_capped_head_are_unit_scaled():
+    """The probabilities of an attention that stays unfused are a matmul operand of RMS ~1/keys:
+    they are multiplied to unit RMS before ``probs @ v`` (and the output multiply takes the factor
+    back). A head behind logit soft-capping is still the head (1/fan_in, loss ~ ln(vocab))."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (4, 64))
+    kw = {"ids": ids, "labels": torch.randint(0, 256, (4, 64))}
+    m = unitscale_fx.transform(_SoftCapLM(), example_inputs=kw, config=EAGER)
+    with torch.no_grad():
+        loss = m(**kw).item()
+    assert abs(loss - math.log(256)) / math.log(256) < 0.02
+    counts = m.result.state.counts["unit_scale_forward"]
+    assert counts["head"] == 1 and counts["attention"] == 1
+    assert not any(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in m.result.gm.graph.nodes)
+    res = measure_step(m, kw)
+    probs = [r for r in res.forward if r.op == "aten.bmm" and r.shape[-1] == 64 and r.shape[-2] == 64 and r.role == "self"]
+    assert probs and all(0.5 <= r.rms <= 2 for r in probs), probs
+    assert res.fraction_in_band("forward") == 1.0
+    assert not res.out_of_band("backward", 1 / 8, 8)

@@ -643,10 +643,10 @@ def _mm_fwd(ctx: RuleContext) -> Stat:
     sa, sb = _require(ctx.stat(a)), _require(ctx.stat(b))
     k = ctx.shape(a)[-1]
     # probabilities @ values (hand-written attention): the values' shared part survives averaging
-    probs = _softmax_probs(ctx.arg(a), ctx)
+    probs = _softmax_probs_scaled(ctx.arg(a), ctx)
     if probs is not None:
-        p2 = probs
-        return Stat(sb.rms * sympy.sqrt(sb.corr + (1 - sb.corr) * p2), _att_out_corr(sb, p2), ZERO)
+        p2, factor = probs
+        return Stat(factor * sb.rms * sympy.sqrt(sb.corr + (1 - sb.corr) * p2), _att_out_corr(sb, p2), ZERO)
     return Stat(_contract(sa, sb, k), _mm_corr(ctx, a, b, sa, sb), ZERO)
 
 
@@ -686,13 +686,14 @@ def _mm_bwd(ctx: RuleContext, g: Stat) -> dict:
     batch_b = prod(sb_shape[:-2])
     rows = _safe_div(prod(sa_shape[:-1]), batch_b)
     out = {}
-    probs = _softmax_probs(ctx.arg(a), ctx)
+    probs = _softmax_probs_scaled(ctx.arg(a), ctx)
     out[a] = Stat(g.rms * sympy.sqrt(n) * sb.rms, g.corr)
     if probs is not None:
-        # grad_v_j = sum_i p_ij g_i
+        # grad_v_j = factor * sum_i p_ij g_i
+        p2, factor = probs
         sq = sa_shape[-2]
         sk = sa_shape[-1]
-        out[b] = Stat(g.rms * sympy.sqrt(sq * probs / sk), g.corr)
+        out[b] = Stat(factor * g.rms * sympy.sqrt(sq * p2 / sk), _probs_grad_v_corr(ctx, p2, g.corr, sq, sk))
     else:
         f = _seq_corr_factor(ctx, [1] * len(sa_shape), list(sa_shape[:-1]) + [1], g.corr * sa.corr)
         out[b] = Stat(g.rms * sympy.sqrt(rows) * sa.rms * f, ZERO)
@@ -965,18 +966,59 @@ register(aten.sum, name="sum", kind="reduction", backward=_sum_bwd)(_sum_fwd)
 
 
 # ============================================================================ softmax / attention
-def _softmax_probs(node: Any, ctx: RuleContext) -> sympy.Expr | None:
-    """E[sum_j p_j^2] if ``node`` is a softmax output (through dropout/casts/views)."""
+def _softmax_probs(node: Any, ctx: Any) -> sympy.Expr | None:
+    """E[sum_j p_j^2] if ``node`` is a softmax output (through dropout/casts/views/scalings)."""
+    found = _softmax_probs_scaled(node, ctx)
+    return found[0] if found is not None else None
+
+
+_PROBS_PASS = (aten.dropout, aten.to, aten._to_copy, aten.view, aten.reshape, aten.expand, aten.clone,
+               aten.contiguous)
+
+
+def _is_scale_value(x: Any) -> bool:
+    """A scalar scale the transform computed (``scale_value``, ``size_scale``, a pick of ``size_scales``)."""
+    if not isinstance(x, fx.Node) or x.op != "call_function":
+        return False
+    if x.target is operator.getitem and x.args and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
+        if x.op != "call_function":
+            return False
+    rule = lookup(x.target)
+    return rule is not None and rule.kind == "scale" and rule.name != "grad_scale"
+
+
+def _softmax_probs_scaled(node: Any, ctx: Any) -> tuple[sympy.Expr, sympy.Expr] | None:
+    """``(E[sum_j p_j^2], factor)`` if ``node`` is ``factor *`` a softmax output, through dropout,
+    casts, views, ``grad_scale`` and multiplies by a scale value (the unit-scaling pass multiplies
+    the probabilities of a hand-written attention to unit RMS). ``ctx``: a rule context or the
+    graph analysis."""
+    an = getattr(ctx, "analysis", ctx)
+    factor = ONE
     seen = 0
-    while isinstance(node, fx.Node) and seen < 6:
-        if node.op == "call_function" and getattr(node.target, "overloadpacket", None) in (aten.softmax, aten._softmax):
-            return node.meta.get("_us_sum_p2")
-        if node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node) and (
-            getattr(node.target, "overloadpacket", None) in (aten.dropout, aten.to, aten._to_copy, aten.view,
-                                                             aten.reshape, aten.expand, aten.clone, aten.contiguous)
-        ):
-            node = node.args[0]
-            seen += 1
+    while isinstance(node, fx.Node) and seen < 8 and node.op == "call_function":
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet in (aten.softmax, aten._softmax):
+            p2 = node.meta.get("_us_sum_p2")
+            return (p2, factor) if p2 is not None else None
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        rule = lookup(node.target)
+        if packet in _PROBS_PASS or (rule is not None and rule.name in ("dropout", "grad_scale")):
+            node, seen = node.args[0], seen + 1
+            continue
+        if packet is aten.mul and len(node.args) == 2:
+            other = node.args[1]
+            if isinstance(other, (int, float)) and not isinstance(other, bool) and other > 0:
+                factor = factor * sympy.sympify(other)
+            elif _is_scale_value(other):
+                st = an.fwd_of(other)
+                if st is None:
+                    return None
+                factor = factor * st.rms
+            else:
+                return None
+            node, seen = node.args[0], seen + 1
             continue
         return None
     return None
@@ -1002,6 +1044,98 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
         return mask
     m = mask > _MASKED_BELOW
     return m & torch.isfinite(mask) if mask.is_floating_point() else m
+
+
+_VIEW_PACKETS = (aten.view, aten.reshape, aten._unsafe_view, aten.to, aten._to_copy, aten.clone,
+                 aten.contiguous, aten.expand)
+
+
+def _constant_logit_bias(ctx: RuleContext, node: Any) -> tuple[torch.Tensor, Any] | None:
+    """``(bias, s2)`` for softmax logits ``random + constant bias`` (``baddbmm(alibi, q, k^T)``, ``l +
+    bias``), masks applied after it included in ``bias`` as ``-inf``; ``s2`` the variance across
+    keys of the random part. ``None`` when there is no finite non-zero constant part."""
+    shape = tuple(int(_numeric(ctx, d)) for d in ctx.shape(0))
+    masks: list[torch.Tensor] = []
+    cur = node
+    for _ in range(8):
+        if not (isinstance(cur, fx.Node) and cur.op == "call_function" and cur.args):
+            return None
+        packet = getattr(cur.target, "overloadpacket", None)
+        if packet is aten.masked_fill:
+            m = ctx.analysis.const_value(cur.args[1])
+            if m is None:
+                return None
+            masks.append(~m.bool())
+            cur = cur.args[0]
+            continue
+        additive = _additive_mask(ctx, cur)
+        if additive is not None:
+            masks.append(_allowed(additive[1]))
+            cur = additive[0]
+            continue
+        if packet in _VIEW_PACKETS:
+            cur = cur.args[0]
+            continue
+        bias = random = None
+        if packet is aten.baddbmm and isinstance(cur.args[0], fx.Node) and not ctx.analysis.requires_grad(cur.args[0]):
+            cv = ctx.analysis.const_value(cur.args[0])
+            s1, s2_ = ctx.analysis.fwd_of(cur.args[1]), ctx.analysis.fwd_of(cur.args[2])
+            if cv is None or s1 is None or s2_ is None:
+                return None
+            beta, alpha = float(cur.kwargs.get("beta", 1)), float(cur.kwargs.get("alpha", 1))
+            k = _numeric(ctx, sym(cur.args[1].meta["val"].shape[-1]))
+            bias = beta * cv
+            random = alpha ** 2 * k * s1.rms ** 2 * s2_.rms ** 2 * (1 - s2_.corr)
+        elif packet is aten.add and len(cur.args) >= 2:
+            for x, y in ((cur.args[0], cur.args[1]), (cur.args[1], cur.args[0])):
+                if isinstance(x, fx.Node) and isinstance(y, fx.Node) and ctx.analysis.requires_grad(x) \
+                        and not ctx.analysis.requires_grad(y):
+                    cv = ctx.analysis.const_value(y)
+                    sx = ctx.analysis.fwd_of(x)
+                    if isinstance(cv, torch.Tensor) and cv.is_floating_point() and sx is not None:
+                        bias, random = cv, _var(sx) * (1 - sx.corr)
+                        break
+        if bias is None or not bool(torch.isfinite(bias).all()) or not bool((bias != 0).any()):
+            return None
+        try:
+            here = tuple(int(_numeric(ctx, sym(d))) for d in cur.meta["val"].shape)
+            full = bias.double().expand(here).reshape(shape).clone()
+            for m in masks:
+                full = full.masked_fill(~m.expand(shape), float("-inf"))
+        except (RuntimeError, TypeError):
+            return None
+        return full, random
+    return None
+
+
+def _biased_sum_p2(bias: torch.Tensor, s2: float, rows: int = 512, draws: int = 8) -> float:
+    """``E[sum_j p_j^2]`` for ``softmax(bias + N(0, s2))`` over the last dim (Monte Carlo, fixed seed,
+    up to ``rows`` rows of ``bias`` evenly spaced; ``-inf`` entries are masked keys)."""
+    flat = bias.reshape(-1, bias.shape[-1])
+    if flat.shape[0] > rows:
+        flat = flat[torch.linspace(0, flat.shape[0] - 1, rows).long()]
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn((draws,) + tuple(flat.shape), generator=gen, dtype=torch.float64) * math.sqrt(max(s2, 0.0))
+    p = torch.softmax(flat.unsqueeze(0) + noise, -1)
+    return float(p.pow(2).sum(-1).mean())
+
+
+def _additive_mask(ctx: RuleContext, node: Any) -> tuple[fx.Node, torch.Tensor] | None:
+    """``(logits, mask)`` if ``node`` is ``logits + mask`` with a constant mask holding masking values
+    (-inf or the dtype's lowest) and zeros; ``None`` otherwise (a finite constant bias is not a mask)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"
+            and getattr(node.target, "overloadpacket", None) is aten.add and len(node.args) >= 2):
+        return None
+    for x, y in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+        if not (isinstance(x, fx.Node) and isinstance(y, fx.Node) and ctx.analysis.requires_grad(x)):
+            continue
+        cv = ctx.analysis.const_value(y)
+        if not isinstance(cv, torch.Tensor) or not cv.is_floating_point() or cv.dim() < 2:
+            continue
+        masked = cv <= _MASKED_BELOW
+        if bool(masked.any()) and bool((cv[~masked] == 0).all()):
+            return x, cv
+    return None
 
 
 def _mask_rows(mask: torch.Tensor | None, sq: int, sk: int) -> tuple[str, torch.Tensor | None]:
@@ -1263,6 +1397,18 @@ def _sdpa_bwd(ctx: RuleContext, g: Stat) -> dict:
     return out
 
 
+def _probs_grad_v_corr(ctx: RuleContext, p2: Any, gc: Any, sq: Any, sk: Any) -> sympy.Expr:
+    """:func:`_grad_v_corr` for a hand-written ``probs @ v``: ``grad_v = p^T g`` with ``E|grad_v|^2 =
+    sq * p2 / sk`` per key (units of ``g^2``) and rows of ``p`` summing to one."""
+    vals = [ctx.analysis.value_of(x) for x in (p2, gc, sq, sk)]
+    if any(v is None for v in vals) or vals[3] <= 1 or vals[0] <= 0:
+        return ZERO
+    p2_, gc_, nq, nk = vals
+    diag = nq * p2_  # sk * ms(grad_v) / g^2
+    corr = (nq * (1 + gc_ * (nq - 1)) - diag) / ((nk - 1) * diag)
+    return sympy.Float(min(max(corr, 0.0), 1.0), 6)
+
+
 def _grad_v_corr(ctx: RuleContext, st: Any, g: Stat, sq: Any, sk: Any, rep: Any) -> sympy.Expr:
     """Correlation between the value gradients of two keys, ``grad_v_j = sum_i p_ij g_i``.
 
@@ -1298,7 +1444,8 @@ def _softmax_fwd(ctx: RuleContext) -> Stat:
     kind = "full"
     counts = None
     src = x
-    # find a -inf masked_fill feeding the softmax to read the mask
+    # find a -inf masked_fill, or an additive mask (``logits + mask``, mask values -inf or the
+    # dtype's lowest: Gemma 2, eager HF attention), feeding the softmax to read the mask
     for _ in range(4):
         if isinstance(src, fx.Node) and getattr(src.target, "overloadpacket", None) is aten.masked_fill:
             mask = ctx.analysis.const_value(src.args[1])
@@ -1306,9 +1453,21 @@ def _softmax_fwd(ctx: RuleContext) -> Stat:
                 raise Unsupported("attention mask could not be evaluated")
             kind, counts = _mask_rows(~mask.bool(), int(_numeric(ctx, sq)), int(_numeric(ctx, sk)))
             break
+        additive = _additive_mask(ctx, src)
+        if additive is not None:
+            logits, mask = additive
+            kind, counts = _mask_rows(mask, int(_numeric(ctx, sq)), int(_numeric(ctx, sk)))
+            s = _require(ctx.analysis.fwd_of(logits))  # the logits' own statistics, not the mask's
+            s2 = _var(s) * (1 - s.corr)
+            break
         if isinstance(src, fx.Node) and src.op == "call_function" and src.args:
             src = src.args[0]
-    if kind == "causal":
+    biased = _constant_logit_bias(ctx, x)
+    if biased is not None:
+        # a constant bias (ALiBi) shapes the weights beyond what a logit variance can say
+        bias, s2 = biased
+        p2 = sympy.Float(_biased_sum_p2(bias, _numeric(ctx, s2)), 6)
+    elif kind == "causal":
         p2 = sum_p2_causal(sq, s2)
     elif kind == "general":
         p2 = sympy.Float(float(sum(float(sum_p2_full(int(c), _numeric(ctx, s2))) for c in counts.reshape(-1)[:4096])) / min(counts.numel(), 4096), 6)

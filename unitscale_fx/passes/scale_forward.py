@@ -8,7 +8,10 @@ Policy (see docs/design.md):
   reaches the loss or the outputs) gets ``1/fan_in`` instead (u-muP), so that logits start small and
   the initial loss is ``ln(vocab)``.
 * **attention** (SDPA, or softmax-probabilities @ values): q, k, v are normalised to unit RMS and the
-  output is multiplied by ``1/sigma_out``, a function of the sequence length and mask. An SDPA whose
+  output is multiplied by ``1/sigma_out``, a function of the sequence length and mask. In a
+  hand-written attention that stays unfused (ALiBi through ``baddbmm``, soft-capped logits) the
+  probabilities, whose RMS is about ``1/keys``, are a matmul operand too: they are multiplied to
+  unit RMS before the ``probs @ v`` matmul (a fused kernel keeps them internal). An SDPA whose
   ``scale`` exceeds ``1/sqrt(head_dim)`` (T5's ``scale=1``: that model keeps its logits O(1) through
   the init of ``q``, which unit q/k no longer carry) gets ``scale=1/sqrt(head_dim)``, so its logits
   have unit variance like every other unit-scaled attention (``temperature`` in the counts).
@@ -43,6 +46,9 @@ __all__ = ["UnitScaleForward"]
 
 _TOL = 0.05  # |log2 sigma| below which no normalising multiply is inserted
 
+#: matmuls of two activations whose operands are normalised with the output compensated
+_ACT_MATMULS = {aten.mm.default, aten.bmm.default, aten.matmul.default}
+
 _VIEWISH = {"view", "cast", "getitem", "expand", "slice", "dropout"}
 
 
@@ -68,8 +74,8 @@ class UnitScaleForward(Pass):
         cap = state.capture
         ga = GraphAnalysis(gm, hints=dict(state.hints), param_stats=dict(state.param_stats),
                            example_values=dict(cap.example_values))
-        counts = {"matmul": 0, "head": 0, "operand": 0, "attention": 0, "temperature": 0, "residual": 0,
-                  "add": 0}
+        counts = {"matmul": 0, "head": 0, "operand": 0, "attention": 0, "temperature": 0, "compensate": 0,
+                  "residual": 0, "add": 0}
         self_ = self
 
         def value(e: Any) -> float | None:
@@ -145,7 +151,19 @@ class UnitScaleForward(Pass):
                 if self_._unit_temperature(node, ga):
                     counts["temperature"] += 1
             elif kind == "matmul" and _softmax_probs(node.args[0], ga) is not None:
-                normalise_operands(node, [RuleContext(node, ga).name_of(1)])
+                # probabilities (RMS ~ 1/keys) and values both to unit RMS, as a fused kernel's
+                # operands would be; the output multiply below takes the factor back out
+                ctx = RuleContext(node, ga)
+                normalise_operands(node, [ctx.name_of(0), ctx.name_of(1)])
+            elif kind == "matmul" and node.target in _ACT_MATMULS and _two_activations(node, ga):
+                # two activations (hand-written logits ``q @ k^T / scale``): unit operands, and the
+                # output multiplied back so the function - e.g. the softmax temperature - is unchanged
+                ctx = RuleContext(node, ga)
+                old = node.args[:2]
+                normalise_operands(node, [ctx.name_of(0), ctx.name_of(1)])
+                moved = [ga.fwd_of(a).rms for a, b in zip(old, node.args[:2]) if b is not a]
+                if moved:
+                    node.meta["_us_compensate"] = sympy.Mul(*moved)
             elif rname == "add" and self_._is_residual(node, ga):
                 self_._residual(node, ga, scale_operand, value)
                 counts["residual"] += 1
@@ -170,6 +188,9 @@ class UnitScaleForward(Pass):
                 if off_unit(rec.fwd):
                     scale_after(node, 1 / rec.fwd.rms, "attention", through_views=True)
                     counts["attention"] += 1
+            elif node.meta.get("_us_compensate") is not None:
+                scale_after(node, node.meta.pop("_us_compensate"), "compensate")
+                counts["compensate"] += 1
             elif rname == "add" and node.meta.get("_us_residual"):
                 pass
             elif rname == "add" and _two_activations(node, ga) and rec.fwd.trace is None and off_unit(rec.fwd):
@@ -331,7 +352,8 @@ def _fan_in(node: fx.Node) -> sympy.Expr:
 
 
 def _is_head(node: fx.Node, ga: GraphAnalysis) -> bool:
-    """Output reaches only the loss and/or graph outputs, through view-like ops."""
+    """Output reaches only the loss and/or graph outputs, through view-like ops, its own bias or a
+    constant one, and logit soft-capping (``tanh(logits / cap) * cap``: Gemma 2)."""
     frontier = [node]
     seen = 0
     reached_loss_or_out = False
@@ -357,5 +379,9 @@ def _is_head(node: fx.Node, ga: GraphAnalysis) -> bool:
             ):
                 frontier.append(u)  # the head's own bias (split from the matmul), or a constant
                 continue            # one (BART's final_logits_bias buffer, cast with .to())
+            if _rule_name(u) == "tanh" or (_rule_name(u) in ("mul", "div") and all(
+                    a is n or not isinstance(a, fx.Node) or not ga.requires_grad(a) for a in u.args[:2])):
+                frontier.append(u)  # soft-capping: a bounded monotone map of the logits
+                continue
             return False
     return reached_loss_or_out
