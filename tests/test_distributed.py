@@ -75,7 +75,12 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
     finally:
-        dist.destroy_process_group()
+        # leave together: a rank tearing gloo down while its peer still talks to it can abort
+        # ("terminate called without an active exception", seen once in a full-suite run)
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _rank_train(rank: int, world: int, engine: str) -> dict:

@@ -119,3 +119,24 @@ def test_activation_matmul_compensation_keeps_the_softmax_temperature():
     logits = softmax.args[0].args[0]  # masked_fill(logits, ...)
     meas = measure_graph(gm, (x,), {}, loss_fn=lambda out: (out * torch.randn_like(out)).sum())
     assert meas[logits.name].fwd == pytest.approx(math.sqrt(D // H) / c, rel=0.1)
+
+
+class _RawLogits(nn.Module):
+    def forward(self, q, k):
+        logits = q @ k.transpose(-1, -2)
+        logits = logits.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(logits, -1) @ k
+
+
+@pytest.mark.parametrize("logit_std", [1.0, 3.0, 8.0])
+def test_softmax_prediction_beyond_the_fitted_logit_variance(logit_std):
+    """The closed forms are fitted for logit variances up to 4; past it (an untransformed model with
+    large logits) the softmax moments are sampled, and the prediction stays right."""
+    torch.manual_seed(0)
+    q = (torch.randn(B, S, 16) * logit_std / 4).requires_grad_()
+    k = torch.randn(B, S, 16).requires_grad_()
+    res = unitscale_fx.analyse(_RawLogits(), (q, k))
+    (node,) = [n for n in res.gm.graph.nodes if getattr(n.target, "overloadpacket", None) is torch.ops.aten.softmax]
+    pred = res.analysis.value_of(node.meta[META_KEY].fwd.rms)
+    meas = measure_graph(res.gm, (q, k), {})[node.name].fwd
+    assert abs(math.log2(meas / pred)) < 0.15, (pred, meas)

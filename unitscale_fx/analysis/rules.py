@@ -1046,6 +1046,9 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
     return m & torch.isfinite(mask) if mask.is_floating_point() else m
 
 
+#: logit variances up to which the softmax-moment closed forms are fitted (docs/attention_scaling.md)
+_FITTED_S2 = 4.0
+
 _VIEW_PACKETS = (aten.view, aten.reshape, aten._unsafe_view, aten.to, aten._to_copy, aten.clone,
                  aten.contiguous, aten.expand)
 
@@ -1463,10 +1466,18 @@ def _softmax_fwd(ctx: RuleContext) -> Stat:
         if isinstance(src, fx.Node) and src.op == "call_function" and src.args:
             src = src.args[0]
     biased = _constant_logit_bias(ctx, x)
+    s2_value = ctx.analysis.value_of(s2)
     if biased is not None:
         # a constant bias (ALiBi) shapes the weights beyond what a logit variance can say
         bias, s2 = biased
         p2 = sympy.Float(_biased_sum_p2(bias, _numeric(ctx, s2)), 6)
+    elif kind in ("full", "causal") and s2_value is not None and s2_value > _FITTED_S2:
+        # past the range the closed forms are fitted on: sample the softmax instead
+        n_q, n_k = int(_numeric(ctx, sq)), int(_numeric(ctx, sk))
+        bias = torch.zeros(n_q, n_k, dtype=torch.float64)
+        if kind == "causal":
+            bias = bias.masked_fill(~torch.ones(n_q, n_k, dtype=torch.bool).tril(n_k - n_q), float("-inf"))
+        p2 = sympy.Float(_biased_sum_p2(bias, s2_value), 6)
     elif kind == "causal":
         p2 = sum_p2_causal(sq, s2)
     elif kind == "general":
