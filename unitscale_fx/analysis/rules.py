@@ -1314,7 +1314,12 @@ def _sdpa_parts(ctx: RuleContext):
     else:
         mask = ctx.const("attn_mask")
         if mask is not None:
-            kind, counts = _mask_rows(mask, int(_numeric(ctx, sq)), int(_numeric(ctx, sk)))
+            n_q, n_k = int(_numeric(ctx, sq)), int(_numeric(ctx, sk))
+            kind, counts = _mask_rows(mask, n_q, n_k)
+            if mask.is_floating_point() and bool((torch.isfinite(mask) & (mask != 0)).any()):
+                # a constant bias in the mask (ALiBi): the logit variance that gives the weights the
+                # concentration the bias gives them, folded into the query scale
+                q = _fold_constant_bias(ctx, q, k, d, scale, mask, kind, counts, n_q, n_k)
         else:
             # a learned additive bias (T5/ALiBi-style position bias), possibly plus a constant mask
             bias, const_part = _split_learned_mask(ctx, ctx.arg("attn_mask"))
@@ -1330,6 +1335,48 @@ def _sdpa_parts(ctx: RuleContext):
             if s2 > 0 and b > 0:
                 q = Stat(q.rms * sympy.Float(math.sqrt(1 + b * b / s2), 6), q.corr, q.mean)
     return q, k, v, sq, sk, d, scale, kind, counts, kv_repeat
+
+
+def _p2_numeric(kind: str, n_q: int, n_k: int, s2: float) -> float:
+    """``E[sum_j p_j^2]`` of the closed forms for a full or causal mask, as a float."""
+    from .attention_stats import sum_p2_causal, sum_p2_full
+
+    if kind == "causal":
+        return float(sum_p2_causal(n_q, s2))
+    return float(sum_p2_full(n_k, s2))
+
+
+@functools.lru_cache(maxsize=256)
+def _effective_s2(kind: str, n_q: int, n_k: int, target: float) -> float:
+    """The logit variance whose closed-form ``E[sum p^2]`` is ``target`` (bisection, full/causal)."""
+    lo, hi = 0.0, _FITTED_S2
+    if target <= _p2_numeric(kind, n_q, n_k, lo):
+        return 0.0
+    if target >= _p2_numeric(kind, n_q, n_k, hi):
+        return hi
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        if _p2_numeric(kind, n_q, n_k, mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def _fold_constant_bias(ctx: RuleContext, q: Stat, k: Stat, d: Any, scale: Any, mask: torch.Tensor, kind: str,
+                        counts: Any, n_q: int, n_k: int) -> Stat:
+    """``q`` rescaled so that the closed forms see the weights' concentration under ``mask``'s bias."""
+    vals = [ctx.analysis.value_of(x) for x in (scale, d, q.rms, k.rms, k.corr)]
+    if any(v is None for v in vals) or kind == "general":
+        return q
+    sc, dd, qr, kr, kc = vals
+    s2 = sc * sc * dd * qr * qr * kr * kr * (1 - kc)
+    if s2 <= 0:
+        return q
+    full = mask.double().expand(*mask.shape[:-2], n_q, n_k) if mask.dim() >= 2 else mask.double().expand(n_q, n_k)
+    target = _biased_sum_p2(full, s2)
+    s2_eff = _effective_s2(kind, n_q, n_k, round(target, 6))
+    return Stat(q.rms * sympy.Float(math.sqrt(max(s2_eff, 1e-12) / s2), 6), q.corr, q.mean)
 
 
 def _split_learned_mask(ctx: RuleContext, node: Any) -> tuple[Stat | None, torch.Tensor | None]:

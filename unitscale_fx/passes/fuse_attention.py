@@ -3,16 +3,21 @@
 Recognised (each intermediate must have exactly one user, else the pattern does not fire)::
 
     s = matmul(q, transpose(k, -2, -1))          # or bmm / k.mT / permute
+      | baddbmm(bias, q, k^T, beta=b, alpha=a)    # or a constant bias (ALiBi): scale a, mask b * bias
+    s = s.view(B, H, S, S')                       # optional: heads split off a [B*H, S, S'] product
     s = s * c   |  s / c                          # optional constant scale
     s = masked_fill(s, mask, -inf) | s + m        # optional boolean mask or constant additive mask
     p = softmax(s.float(), -1).to(dtype)          # optional up-cast and cast back
     p = dropout(p)                                # optional
+    p = p.view(B * H, S, S')                      # optional, back to the product's layout
     o = matmul(p, v)
 
 It does **not** fire when the scores or probabilities are used by anything else (returned
 attention weights), when anything else is applied to the scores (``tanh`` soft-capping...), when the
 additive mask carries a gradient (a learned position bias) or depends on nothing it can evaluate.
-Causal masks proven equal to ``tril`` become ``is_causal=True``.
+Causal masks proven equal to ``tril`` become ``is_causal=True``. With a view between the product and
+the masks (BLOOM), SDPA runs in the product's ``[B*H, S, d]`` layout and the masks are expanded to
+``[B, H, S, S']`` and flattened to it; a constant bias is added to the mask (a float ``attn_mask``).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ aten = torch.ops.aten
 __all__ = ["FuseAttention"]
 
 _MATMUL = (aten.matmul, aten.bmm)
+_VIEWS = (aten.view, aten.reshape, aten._unsafe_view)
 _CASTS = (aten.to, aten._to_copy)
 
 
@@ -141,6 +147,9 @@ class FuseAttention(Pass):
                 cur, user = user, _real_users(user)[0]
                 continue
             break
+        view_down = None
+        if _packet(user) in _VIEWS and _single_user(user):
+            view_down, cur, user = user, user, _real_users(user)[0]
         if _packet(user) not in _MATMUL or user.args[0] is not cur:
             return None
         out, v = user, user.args[1]
@@ -149,6 +158,7 @@ class FuseAttention(Pass):
         mask_bool = None
         add_mask = None
         scale = 1.0
+        view_up = None
         while isinstance(cur, fx.Node) and cur.op == "call_function":
             p = _packet(cur)
             if not _single_user(cur):
@@ -182,10 +192,31 @@ class FuseAttention(Pass):
                 nodes.append(cur)
                 cur = cur.args[0]
                 continue
+            if p in _VIEWS and view_up is None and (view_down is not None) and _splits_heads(cur):
+                view_up = cur
+                nodes.append(cur)
+                cur = cur.args[0]
+                continue
             break
-        if not (isinstance(cur, fx.Node) and _packet(cur) in _MATMUL and _single_user(cur)):
+        bias = None
+        beta = alpha = 1.0
+        if isinstance(cur, fx.Node) and _packet(cur) is aten.baddbmm and _single_user(cur):
+            b = cur.args[0]
+            if not isinstance(b, fx.Node) or _requires_grad_chain(b) or not _data_free_or_const(ga, b):
+                return None
+            bias = b
+            beta = float(cur.kwargs.get("beta", 1.0))
+            alpha = float(cur.kwargs.get("alpha", 1.0))
+            q, kt = cur.args[1], cur.args[2]
+        elif not (isinstance(cur, fx.Node) and _packet(cur) in _MATMUL and _single_user(cur)):
             return None
-        q, kt = cur.args[0], cur.args[1]
+        else:
+            q, kt = cur.args[0], cur.args[1]
+        if (view_up is None) != (view_down is None):
+            return None
+        if view_down is not None:
+            nodes.append(view_down)
+        scale = scale * alpha
         k = _is_last_two_transpose(kt)
         if k is None:
             return None
@@ -196,6 +227,11 @@ class FuseAttention(Pass):
         if qv.dim() != kv.dim() or kv.dim() != vv.dim():
             return None
         causal = False
+        if bias is not None or view_up is not None:
+            # masks stay explicit: in the outer layout, or added to a constant bias
+            return dict(q=q, k=k, v=v, out=out, kt=kt, nodes=nodes, scale=scale, mask_bool=mask_bool,
+                        add_mask=add_mask, causal=False, dropout_p=dropout_p, mode=mode, bias=bias, beta=beta,
+                        view_up=view_up)
         if mask_bool is not None:
             kind = _classify_mask(ga, mask_bool, masked_is_true=True)
             causal = kind == "causal"
@@ -208,14 +244,17 @@ class FuseAttention(Pass):
             elif kind == "full":
                 add_mask = None
         return dict(q=q, k=k, v=v, out=out, kt=kt, nodes=nodes, scale=scale, mask_bool=mask_bool,
-                    add_mask=add_mask, causal=causal, dropout_p=dropout_p, mode=mode)
+                    add_mask=add_mask, causal=causal, dropout_p=dropout_p, mode=mode, bias=None, beta=1.0,
+                    view_up=None)
 
     def _rewrite(self, gm: fx.GraphModule, m: dict, counts: dict) -> None:
         out = m["out"]
         g = gm.graph
         with g.inserting_before(out):
             mask = None
-            if m["mask_bool"] is not None and not m["causal"]:
+            if m["bias"] is not None or m["view_up"] is not None:
+                mask = self._combined_mask(g, m)
+            elif m["mask_bool"] is not None and not m["causal"]:
                 mask = g.call_function(aten.logical_not.default, (m["mask_bool"],))
                 mask.meta["val"] = torch.logical_not(m["mask_bool"].meta["val"]) if "val" in m["mask_bool"].meta else None
             elif m["add_mask"] is not None:
@@ -239,6 +278,53 @@ class FuseAttention(Pass):
             g.erase_node(m["kt"])
         counts["fused"] += 1
         counts["causal" if m["causal"] else "masked"] += int(m["causal"] or mask is not None)
+        if m["bias"] is not None:
+            counts["bias"] = counts.get("bias", 0) + 1
+
+    @staticmethod
+    def _combined_mask(g: fx.Graph, m: dict) -> fx.Node | None:
+        """One float ``attn_mask`` in the product's layout: ``beta * bias``, plus the masks (written in
+        the ``[B, H, S, S']`` layout of ``view_up``: expanded to it and flattened to ``[B*H, S, S']``)."""
+        def outer(mask: fx.Node) -> fx.Node:
+            if m["view_up"] is None:
+                return mask
+            shape = list(m["view_up"].args[1])
+            e = g.call_function(aten.expand.default, (mask, shape))
+            return g.call_function(aten.flatten.using_ints, (e, 0, 1))
+
+        parts = []
+        if m["bias"] is not None:
+            b = m["bias"]
+            if m["beta"] != 1.0:
+                b = g.call_function(aten.mul.Tensor, (b, m["beta"]))
+            parts.append(b)
+        if m["add_mask"] is not None:
+            parts.append(outer(m["add_mask"]))
+        mask = parts[0] if parts else None
+        for p in parts[1:]:
+            mask = g.call_function(aten.add.Tensor, (mask, p))
+        if m["mask_bool"] is not None:
+            masked = outer(m["mask_bool"])
+            base = mask if mask is not None else g.call_function(
+                aten.zeros_like.default, (masked,), {"dtype": m["q"].meta["val"].dtype})
+            mask = g.call_function(aten.where.ScalarSelf, (masked, float("-inf"), base))
+        return mask
+
+
+def _splits_heads(view: fx.Node) -> bool:
+    """``view`` turns a ``[N, S, S']`` product into ``[..., S, S']`` (heads split off the leading dim)."""
+    src, dst = view.args[0].meta.get("val"), view.meta.get("val")
+    if not (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor)) or src.dim() != 3 or dst.dim() < 3:
+        return False
+    shape = list(view.args[1]) if len(view.args) > 1 else []
+    if any(isinstance(d, int) and d == -1 for d in shape[:-1]):
+        return False  # ``expand`` of a mask to this shape needs every leading size
+    return [str(d) for d in src.shape[-2:]] == [str(d) for d in dst.shape[-2:]]
+
+
+def _data_free_or_const(ga: Any, n: fx.Node) -> bool:
+    """A constant bias: no gradient, and evaluable (from shapes, or the example's attention mask)."""
+    return ga.const_value(n) is not None
 
 
 def _data_free(n: fx.Node, seen: set | None = None) -> bool:
