@@ -68,6 +68,20 @@ def _sdpa_nodes(gm):
             or getattr(n.target, "__name__", "") == "attention"]
 
 
+def _assert_same_function(model, gm):
+    """Same function, forward and gradients, at the example shape and at another sequence length."""
+    for T in (16, 8):
+        xi = torch.randn(2, T, 32, requires_grad=True)
+        ref = model(xi)
+        got = gm(xi)
+        got = got[0] if isinstance(got, (tuple, list)) else got
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        g_ref = torch.autograd.grad(ref.sum(), [xi, model.qkv.weight])
+        g_got = torch.autograd.grad(got.sum(), [xi, model.qkv.weight])
+        for a, b in zip(g_got, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant,causal", [("causal_masked_fill", True), ("divide_no_mask", False),
                                             ("float_upcast", False)])
 def test_fires_and_computes_the_same_function(variant, causal):
@@ -79,17 +93,7 @@ def test_fires_and_computes_the_same_function(variant, causal):
     assert counts.get("fused") == 1 and len(nodes) == 1
     assert bool(nodes[0].kwargs.get("is_causal")) is causal
     assert not [n for n in gm.graph.nodes if "softmax" in str(n.target)]
-    # same function, forward and gradients, at the example shape and at another sequence length
-    for T in (16, 8):
-        xi = torch.randn(2, T, 32, requires_grad=True)
-        ref = model(xi)
-        got = gm(xi)
-        got = got[0] if isinstance(got, (tuple, list)) else got
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        g_ref = torch.autograd.grad(ref.sum(), [xi, model.qkv.weight])
-        g_got = torch.autograd.grad(got.sum(), [xi, model.qkv.weight])
-        for a, b in zip(g_got, g_ref):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    _assert_same_function(model, gm)
 
 
 @pytest.mark.parametrize("variant", ["softcap", "learned_bias", "return_weights"])
@@ -139,16 +143,7 @@ def test_fires_on_alibi_through_baddbmm_and_computes_the_same_function():
     nodes = _sdpa_nodes(gm)
     assert counts.get("fused") == 1 and counts.get("bias") == 1 and len(nodes) == 1
     assert not [n for n in gm.graph.nodes if "softmax" in str(n.target) or "baddbmm" in str(n.target)]
-    for T in (16, 8):
-        xi = torch.randn(2, T, 32, requires_grad=True)
-        ref = model(xi)
-        got = gm(xi)
-        got = got[0] if isinstance(got, (tuple, list)) else got
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        g_ref = torch.autograd.grad(ref.sum(), [xi, model.qkv.weight])
-        g_got = torch.autograd.grad(got.sum(), [xi, model.qkv.weight])
-        for a, b in zip(g_got, g_ref):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    _assert_same_function(model, gm)
 
 
 def test_must_not_fire_on_a_learned_baddbmm_bias():

@@ -784,10 +784,20 @@ def _conv_bwd(ctx: RuleContext, g: Stat) -> dict:
     # each input element is used by ~kernel/stride^d output positions
     stride = ctx.arg("stride", [1])
     spread = _safe_div(kernel, prod(stride)) if stride else kernel
+    # parameter gradients sum over the output positions of a sample, whose gradients (and inputs)
+    # correlate across positions: sqrt(1 + (P - 1) c) as for token rows
+    per_sample = ctx.analysis.value_of(_safe_div(positions, out_shape[0]))
+
+    def coherent(c: Any) -> sympy.Expr:
+        cv = ctx.analysis.value_of(c)
+        if not cv or cv <= 0 or not per_sample or per_sample <= 1:
+            return ONE
+        return sympy.sqrt(sympy.Float(1 + (per_sample - 1) * min(cv, 1.0), 6))
+
     out = {"input": Stat(g.rms * sympy.sqrt(n_out * spread) * sw.rms, ZERO),
-           "weight": Stat(g.rms * sympy.sqrt(positions) * sx.rms, ZERO)}
+           "weight": Stat(g.rms * sympy.sqrt(positions) * sx.rms * coherent(g.corr * sx.corr), ZERO)}
     if ctx.is_tensor("bias"):
-        out["bias"] = Stat(g.rms * sympy.sqrt(positions), ZERO)
+        out["bias"] = Stat(g.rms * sympy.sqrt(positions) * coherent(g.corr), ZERO)
     return out
 
 
@@ -843,15 +853,23 @@ def _embedding_fwd(ctx: RuleContext) -> Stat:
 
 
 def _embedding_bwd(ctx: RuleContext, g: Stat) -> dict:
+    """A row's gradient sums the gradients of the tokens that look it up: ``n / rows`` of them on
+    average. Tokens of one sequence whose gradients correlate (``g.corr``) add coherently when they
+    share a row (BERT's token-type table: every token hits row 0): ``E|grad_v|^2 = sum_s n_vs (1 +
+    (n_vs - 1) c)`` over the sequences ``s``, read off the example's indices."""
     rows = ctx.shape("weight")[0]
     n = ctx.numel("indices")
     idx = ctx.const("indices")
     factor = sympy.sqrt(_safe_div(n, rows))
-    if isinstance(idx, torch.Tensor) and idx.numel() > 0:
-        counts = torch.bincount(idx.reshape(-1).long().clamp_min(0), minlength=int(idx.max()) + 1).double()
-        # E|grad_row|^2 = n_v * g^2 for independent per-token gradients
-        factor = sympy.sqrt(_safe_div(n, rows))
-        _ = counts
+    c = ctx.analysis.value_of(g.corr)
+    if isinstance(idx, torch.Tensor) and idx.numel() > 1 and c and c > 0:
+        seqs = idx.reshape(-1, idx.shape[-1]) if idx.dim() > 1 else idx.reshape(1, -1)
+        pairs = 0.0
+        for seq in seqs[:256]:
+            counts = torch.bincount(seq.long().clamp_min(0)).double()
+            pairs += float((counts * (counts - 1)).sum())
+        pairs_per_token = pairs / float(seqs[:256].numel())
+        factor = factor * sympy.sqrt(sympy.Float(1 + min(c, 1.0) * pairs_per_token, 6))
     return {"weight": Stat(g.rms * factor, ZERO)}
 
 
