@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .analysis.propagate import GraphAnalysis, MissingOp
+from .analysis.propagate import GraphAnalysis, MissingOp, missing_in_graph, missing_message
 from .capture import Capture, capture, normalize_inputs
 from .config import Config
 from .errors import ConfigError, MissingRuleError, MissingRuleWarning
@@ -48,10 +48,46 @@ class AnalysisResult:
         return self.capture.symbol_names
 
 
+class _LazyAnalysis:
+    """Stands for the :class:`GraphAnalysis` of a transformed graph and builds it on first use: the
+    predicted scales of the final graph serve reports, ``track`` and ``check``, never training."""
+
+    __slots__ = ("_build", "_ga")
+
+    def __init__(self, build: Any) -> None:
+        self._build, self._ga = build, None
+
+    @property
+    def built(self) -> bool:
+        return self._ga is not None
+
+    def get(self) -> GraphAnalysis:
+        if self._ga is None:
+            self._ga, self._build = self._build(), None
+        return self._ga
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+    def __repr__(self) -> str:
+        return repr(self._ga) if self._ga is not None else "<GraphAnalysis of the transformed graph, not built yet>"
+
+
 @dataclass
 class TransformResult(AnalysisResult):
+    """The transformed graph and what was done. ``analysis`` (the predicted scales of the transformed
+    graph) is built on first use: training never needs it."""
+
     state: TransformState | None = None
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    missing_ops: list[MissingOp] | None = field(default=None, repr=False)
+
+    @property
+    def missing(self) -> list[MissingOp]:
+        lazy = self.analysis
+        if isinstance(lazy, _LazyAnalysis) and not lazy.built and self.missing_ops is not None:
+            return list(self.missing_ops)
+        return list(lazy.missing)
 
     def summary(self) -> str:
         lines = ["unit-scaled graph:"]
@@ -157,20 +193,29 @@ def _run_pipeline(model: nn.Module, args: tuple, kwargs: dict, config: Config, *
     state = TransformState(capture=cap, config=config, hints=dict(cap.hints))
     state.skipped_nodes = _skipped_nodes(gm, model, config)
     gm = PassManager(build_passes(config))(gm, state)
-    final = state.final_analysis
-    if final is None or final.gm is not gm:
-        final = GraphAnalysis(gm, hints=dict(cap.hints), param_stats=dict(state.param_stats),
-                              example_values=dict(cap.example_values))
-        final.run_forward()
-    final.run_backward()
-    if config.strict and final.missing:
-        raise MissingRuleError(final.missing_message(), [(m.node, m.op, m.source) for m in final.missing])
-    if final.missing:
-        warnings.warn(final.missing_message(), MissingRuleWarning, stacklevel=4)
+    # every node was visited by an analysis of a pass: the ops without a rule are marked on them
+    missing = missing_in_graph(gm)
+    if config.strict and missing:
+        raise MissingRuleError(missing_message(missing), [(m.node, m.op, m.source) for m in missing])
+    if missing:
+        warnings.warn(missing_message(missing), MissingRuleWarning, stacklevel=4)
     if config.init == "unit" and init_weights:
         _apply_init_atomic(model, state.param_roles)
-    return TransformResult(gm=gm, capture=cap, analysis=final, title="transformed", state=state,
-                           counts=dict(state.counts))
+    handed = state.final_analysis if state.final_analysis is not None and state.final_analysis.gm is gm else None
+    state.final_analysis = None  # do not keep the passes' analysis alive beside the result's
+
+    def final_analysis() -> GraphAnalysis:
+        """Forward and backward analysis of the transformed graph (reports, ``track``, ``check``)."""
+        final = handed
+        if final is None:
+            final = GraphAnalysis(gm, hints=dict(cap.hints), param_stats=dict(state.param_stats),
+                                  example_values=dict(cap.example_values))
+            final.run_forward()
+        final.run_backward()
+        return final
+
+    return TransformResult(gm=gm, capture=cap, analysis=_LazyAnalysis(final_analysis), title="transformed",
+                           state=state, counts=dict(state.counts), missing_ops=missing)
 
 
 def _apply_init_atomic(model: nn.Module, roles: dict[str, str]) -> int:

@@ -362,14 +362,7 @@ class GraphAnalysis:
         return rec
 
     def missing_message(self) -> str:
-        lines = [f"{len(self.missing)} op(s) have no scale rule:"]
-        lines += [f"  - {m}" for m in self.missing]
-        lines.append(
-            "Register a rule with unitscale_fx.analysis.register(...) (see docs/design.md) or exclude "
-            "the owning module with Config(exclude=(...)); Config(strict=False), the default, leaves them "
-            "unscaled, strict=True raises."
-        )
-        return "\n".join(lines)
+        return missing_message(self.missing)
 
     def _missing(self, node: fx.Node, rec: ScaleRecord, reason: str = "") -> None:
         rec.missing = True
@@ -687,6 +680,24 @@ def analyse_graph(
 
 
 _ = (math, Iterable, normalized_kwargs)
+
+
+def missing_message(missing: list[MissingOp]) -> str:
+    """The message listing ops without a scale rule, and how to fix it."""
+    lines = [f"{len(missing)} op(s) have no scale rule:"]
+    lines += [f"  - {m}" for m in missing]
+    lines.append(
+        "Register a rule with unitscale_fx.analysis.register(...) (see docs/design.md) or exclude "
+        "the owning module with Config(exclude=(...)); Config(strict=False), the default, leaves them "
+        "unscaled, strict=True raises."
+    )
+    return "\n".join(lines)
+
+
+def missing_in_graph(gm: fx.GraphModule) -> list[MissingOp]:
+    """The ops an analysis of ``gm`` found without a rule, read off the nodes' records."""
+    return [MissingOp(n.name, _op_name(n.target), source_line(n)) for n in gm.graph.nodes
+            if getattr(n.meta.get(META_KEY), "missing", False)]
 
 
 def _is_inplace(node: fx.Node) -> bool:
