@@ -111,7 +111,10 @@ def apply_init(model: torch.nn.Module, roles: dict[str, str], generator: torch.G
         if role == "weight":
             if p.device.type == "meta":
                 continue
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype))
+            if p.dtype == torch.float32 and p.device.type == "cpu":
+                p.normal_(generator=generator)  # the same values as randn, without a temporary
+            else:  # drawn in float32 on the CPU, as for CPU float32 weights: the init does not depend on where
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype))
         elif role == "gain":
             p.fill_(1.0)
         elif role == "bias":
