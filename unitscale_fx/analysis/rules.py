@@ -57,7 +57,10 @@ def _seq_corr_factor(ctx: RuleContext, in_shape: Any, out_shape: Any, corr: Any)
     ins = list(in_shape)
     ins = [1] * (len(out_shape) - len(ins)) + ins
     copies = 1.0
-    for di, do in zip(ins, out_shape):
+    # the last dim is the feature dim: a sum over it (a per-token scale broadcast over the features,
+    # as in a hand-written norm's ``x * rsqrt(mean(x^2))``) is not a sum over tokens, even when the
+    # width happens to be a multiple of the sequence length
+    for di, do in zip(ins[:-1], list(out_shape)[:-1]):
         vi, vo = ctx.analysis.value_of(di), ctx.analysis.value_of(do)
         if vi is not None and vo is not None and vi == 1 and vo > 1:
             copies *= vo
