@@ -577,7 +577,8 @@ class _AttentionCalls(TorchFunctionMode):
         super().__init__()
         self._probe = probe
 
-    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (),
+                           kwargs: Mapping[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func in _SDPA_FUNCS and not self._probe._hiding():
             call = _sdpa_call(args, kwargs)

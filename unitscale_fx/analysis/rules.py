@@ -993,8 +993,6 @@ def _softmax_probs(node: Any, ctx: Any) -> sympy.Expr | None:
     return found[0] if found is not None else None
 
 
-_PROBS_PASS = (aten.dropout, aten.to, aten._to_copy, aten.view, aten.reshape, aten.expand, aten.clone,
-               aten.contiguous)
 
 
 def _is_scale_value(x: Any) -> bool:
@@ -1025,7 +1023,8 @@ def _softmax_probs_scaled(node: Any, ctx: Any) -> tuple[sympy.Expr, sympy.Expr] 
         if not node.args or not isinstance(node.args[0], fx.Node):
             return None
         rule = lookup(node.target)
-        if packet in _PROBS_PASS or (rule is not None and rule.name in ("dropout", "grad_scale")):
+        passes = packet in _VIEW_PACKETS or packet is aten.dropout
+        if passes or (rule is not None and rule.name in ("dropout", "grad_scale")):
             node, seen = node.args[0], seen + 1
             continue
         if packet is aten.mul and len(node.args) == 2:
@@ -1469,31 +1468,31 @@ def _sdpa_bwd(ctx: RuleContext, g: Stat) -> dict:
 
 
 def _probs_grad_v_corr(ctx: RuleContext, p2: Any, gc: Any, sq: Any, sk: Any) -> sympy.Expr:
-    """:func:`_grad_v_corr` for a hand-written ``probs @ v``: ``grad_v = p^T g`` with ``E|grad_v|^2 =
-    sq * p2 / sk`` per key (units of ``g^2``) and rows of ``p`` summing to one."""
+    """:func:`_grad_v_corr` for a hand-written ``probs @ v``: ``E|grad_v|^2 = sq * p2 / sk`` per key
+    (units of ``g^2``), i.e. ``p2`` per query."""
     vals = [ctx.analysis.value_of(x) for x in (p2, gc, sq, sk)]
-    if any(v is None for v in vals) or vals[3] <= 1 or vals[0] <= 0:
+    if any(v is None for v in vals):
         return ZERO
     p2_, gc_, nq, nk = vals
-    diag = nq * p2_  # sk * ms(grad_v) / g^2
-    corr = (nq * (1 + gc_ * (nq - 1)) - diag) / ((nk - 1) * diag)
-    return sympy.Float(min(max(corr, 0.0), 1.0), 6)
+    return _key_corr(p2_, gc_, nq, nk)
 
 
 def _grad_v_corr(ctx: RuleContext, st: Any, g: Stat, sq: Any, sk: Any, rep: Any) -> sympy.Expr:
-    """Correlation between the value gradients of two keys, ``grad_v_j = sum_i p_ij g_i``.
-
-    Rows of ``p`` sum to one, so summed over all key pairs the value gradients carry
-    ``sq (1 + gc (sq - 1))`` (in units of ``g^2``); the diagonal part is ``sk * ms(grad_v)``. The
-    off-diagonal remainder, spread over ``sk (sk - 1)`` pairs, is the correlation: 1 for uniform
-    non-causal attention (every key gets the same gradient), about ``1 / ln(sq)`` for causal.
-    """
+    """Correlation between the value gradients of two keys, ``grad_v_j = sum_i p_ij g_i`` (SDPA)."""
     vals = [ctx.analysis.value_of(x) for x in (st.grad_v_rms, g.rms, sq, sk, rep, g.corr)]
-    if any(v is None for v in vals) or not vals[1] or vals[3] <= 1:
+    if any(v is None for v in vals) or not vals[1]:
         return ZERO
     gv, gr, nq, nk, r, gc = vals
-    diag = (gv / gr) ** 2 * nk / (r * nq)  # F + gc (sq - 1) O, per query
-    if diag <= 0:
+    return _key_corr((gv / gr) ** 2 * nk / (r * nq), gc, nq, nk)
+
+
+def _key_corr(diag: float, gc: float, nq: float, nk: float) -> sympy.Expr:
+    """Rows of ``p`` sum to one, so summed over all key pairs the value gradients carry ``sq (1 + gc
+    (sq - 1))`` (in units of ``g^2``); the diagonal part is ``sq * diag`` (``diag``: ``sk ms(grad_v) /
+    (sq g^2)``, the per-query share). The off-diagonal remainder, spread over ``sk (sk - 1)`` pairs, is
+    the correlation: 1 for uniform non-causal attention (every key gets the same gradient), about
+    ``1 / ln(sq)`` for causal."""
+    if nk <= 1 or diag <= 0:
         return ZERO
     corr = (1 + gc * (nq - 1) - diag) / ((nk - 1) * diag)
     return sympy.Float(min(max(corr, 0.0), 1.0), 6)
