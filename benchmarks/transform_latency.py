@@ -2,8 +2,8 @@
 
 Each configuration runs in a fresh Python process (``--child``), which builds the model, then times
 ``unitscale_fx.transform(model, example_inputs=..., config=Config(compile=False))`` and reports
-JSON: wall seconds (with a breakdown: capture, the rewrite passes with their analyses, the final
-analysis + re-init), the peak RSS of the process (``resource.getrusage(RUSAGE_SELF).ru_maxrss``,
+JSON: wall seconds (with a breakdown: capture, the rewrite passes with their analyses, and the rest:
+mostly the wait for the unit re-init, which runs on a worker thread beside the passes), the peak RSS of the process (``resource.getrusage(RUSAGE_SELF).ru_maxrss``,
 which includes the interpreter, torch and the model) and the RSS just before the transform.
 The parent enforces a per-run timeout, so the benchmark always finishes.
 
@@ -138,7 +138,7 @@ def child(config: str, mode: str, seq: int, batch: int) -> dict:
         res = unitscale_fx.analyse(model, inputs)
         n_nodes = len(res.gm.graph.nodes)
     total = time.perf_counter() - t0
-    stages["final analysis + init" if mode == "transform" else "analysis"] = (
+    stages["init wait + rest" if mode == "transform" else "analysis"] = (
         total - stages.get("capture", 0.0) - stages.get("passes", 0.0))
     missing = len((m.result if mode == "transform" else res).missing)
     return dict(config=config, mode=mode, seconds=total, stages=stages, build_s=build_s, missing=missing,

@@ -708,6 +708,24 @@ def test_deepcopy_is_independent_and_pickling_is_refused_with_the_alternative():
         unitscale_fx.transform(again, config=EAGER)
 
 
+def test_init_overlapping_the_analysis_draws_what_a_serial_init_draws():
+    """The re-init runs on a worker thread beside the analysis passes (api._InitJob) from a private
+    generator: the parameters get the values a serial init from the global generator gives, and the
+    global generator ends where that serial init leaves it."""
+    from unitscale_fx.passes.reinit import apply_init
+
+    model, kw = _nanogpt(seed=5)
+    ref = copy.deepcopy(model)
+    torch.manual_seed(7)
+    m = unitscale_fx.transform(model, example_inputs=kw, config=EAGER)
+    after = torch.random.get_rng_state()
+    torch.manual_seed(7)
+    assert apply_init(ref, m.result.state.param_roles) > 0
+    assert torch.equal(torch.random.get_rng_state(), after)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_same_seed_gives_the_same_init_and_the_same_losses():
     runs = []
     for _ in range(2):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,15 +193,27 @@ def _run_pipeline(model: nn.Module, args: tuple, kwargs: dict, config: Config, *
     _bind(gm, model)
     state = TransformState(capture=cap, config=config, hints=dict(cap.hints))
     state.skipped_nodes = _skipped_nodes(gm, model, config)
-    gm = PassManager(build_passes(config))(gm, state)
-    # every node was visited by an analysis of a pass: the ops without a rule are marked on them
-    missing = missing_in_graph(gm)
-    if config.strict and missing:
-        raise MissingRuleError(missing_message(missing), [(m.node, m.op, m.source) for m in missing])
-    if missing:
-        warnings.warn(missing_message(missing), MissingRuleWarning, stacklevel=4)
-    if config.init == "unit" and init_weights:
-        _apply_init_atomic(model, state.param_roles)
+    job: _InitJob | None = None
+
+    def start_init(p: Any, st: TransformState) -> None:
+        nonlocal job
+        if isinstance(p, PlanInit) and config.init == "unit" and init_weights and job is None:
+            job = _InitJob(model, dict(st.param_roles))
+
+    try:
+        gm = PassManager(build_passes(config), on_done=start_init)(gm, state)
+        # every node was visited by an analysis of a pass: the ops without a rule are marked on them
+        missing = missing_in_graph(gm)
+        if config.strict and missing:
+            raise MissingRuleError(missing_message(missing), [(m.node, m.op, m.source) for m in missing])
+        if missing:
+            warnings.warn(missing_message(missing), MissingRuleWarning, stacklevel=4)
+    except BaseException:
+        if job is not None:
+            job.cancel()
+        raise
+    if job is not None:
+        job.finish()
     handed = state.final_analysis if state.final_analysis is not None and state.final_analysis.gm is gm else None
     state.final_analysis = None  # do not keep the passes' analysis alive beside the result's
 
@@ -218,29 +231,68 @@ def _run_pipeline(model: nn.Module, args: tuple, kwargs: dict, config: Config, *
                            state=state, counts=dict(state.counts), missing_ops=missing)
 
 
-def _apply_init_atomic(model: nn.Module, roles: dict[str, str]) -> int:
-    """:func:`apply_init`, all or nothing: if it fails part-way (out of memory, an interrupt) the
-    parameters it already wrote get their old values back (kept on the CPU meanwhile)."""
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    seen: set[int] = set()
-    with torch.no_grad():
-        for fqn, role in roles.items():
-            if role == "keep":
-                continue
-            try:
-                p = model.get_parameter(fqn)
-            except AttributeError:
-                continue
-            if id(p) not in seen and p.device.type != "meta":
-                seen.add(id(p))
-                saved.append((p, p.detach().to("cpu", copy=True)))
-    try:
-        return apply_init(model, roles)
-    except BaseException:
+class _InitJob:
+    """:func:`apply_init`, all or nothing, on a worker thread.
+
+    The re-init of the weights (drawing ~100 M normal numbers for a GPT-2-small) overlaps the scale
+    analysis: it starts as soon as :class:`~unitscale_fx.passes.reinit.PlanInit` has planned the
+    roles, and the passes after it never read the values it writes (they use the planned unit
+    statistics; the analysis does not evaluate parameters). The torch kernels release the GIL, so
+    on a machine with two cores or more the init is nearly free (see docs/design.md).
+
+    All or nothing: the old values are copied to the CPU first; :meth:`cancel` (the transform failed
+    after the job started) and a failure inside the job put them back. The draws come from a private
+    generator started at the global CPU generator's state, and :meth:`finish` leaves the global
+    generator where drawing the values directly from it would have left it: the same values and
+    the same state afterwards as a serial init, whatever the other thread does meanwhile.
+    """
+
+    def __init__(self, model: nn.Module, roles: dict[str, str]):
+        self.model, self.roles = model, roles
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.error: BaseException | None = None
+        self.gen = torch.Generator()
+        self.gen.set_state(torch.random.get_rng_state())
+        self.thread = threading.Thread(target=self._run, name="unitscale_fx-init", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            with torch.no_grad():
+                seen: set[int] = set()
+                for fqn, role in self.roles.items():
+                    if role == "keep":
+                        continue
+                    try:
+                        p = self.model.get_parameter(fqn)
+                    except AttributeError:
+                        continue
+                    if id(p) not in seen and p.device.type != "meta":
+                        seen.add(id(p))
+                        self.saved.append((p, p.detach().to("cpu", copy=True)))
+                apply_init(self.model, self.roles, generator=self.gen)
+        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+            self.error = e
+
+    def _restore(self) -> None:
         with torch.no_grad():
-            for p, old in saved:
+            for p, old in self.saved:
                 p.copy_(old.to(p.device))
-        raise
+        self.saved = []
+
+    def finish(self) -> None:
+        """Wait for the init; on failure restore the parameters and raise its error here."""
+        self.thread.join()
+        if self.error is not None:
+            self._restore()
+            raise self.error
+        self.saved = []
+        torch.random.set_rng_state(self.gen.get_state())
+
+    def cancel(self) -> None:
+        """The transform failed: wait for the init, then put every parameter back."""
+        self.thread.join()
+        self._restore()
 
 
 def _rebind(res: TransformResult, model: nn.Module, memo: dict) -> TransformResult:

@@ -63,8 +63,8 @@ class _Transaction:
     contents of lists / dicts / sets), and the contents of the parameter / buffer / submodule /
     hook dicts. Per parameter: ``requires_grad`` and ``.grad``. Buffer values are cloned (export runs on fake tensors, so a captured BatchNorm
     must not move its running statistics). Parameter values are not cloned here: no pass writes
-    them; the unit re-initialisation runs last and restores what it wrote if it fails
-    (:func:`unitscale_fx.api._apply_init_atomic`).
+    them; the unit re-initialisation (:class:`unitscale_fx.api._InitJob`, overlapping the analysis)
+    restores what it wrote if it or anything after it fails.
     """
 
     def __init__(self, model: nn.Module):

@@ -21,10 +21,16 @@ positions of a causal mask (``n = 1 ... S``) has a closed form in digamma functi
 a power of them; their six shape constants were fitted once to a numerically exact evaluation
 of the softmax moments (``n = 1 ... 4096``, ``s2`` in ``[0, 4]``); see the doc for the residuals.
 
-Everything here is pure sympy: arguments may be numbers, symbols or expressions.
+Arguments may be numbers, symbols or expressions; results are sympy. With all arguments numeric the
+arithmetic runs in Python floats (same formulas, see :func:`_dual`).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -63,6 +69,33 @@ def _s(x: Any) -> sympy.Expr:
     return sympy.sympify(x)
 
 
+# Every function below is written once and runs in one of two number systems: Python floats (all
+# arguments numeric: the analysis' usual case, about 100x faster than sympy Floats) or sympy
+# expressions (some argument symbolic). The public functions (:func:`_dual`) pick the system from
+# their arguments and always return sympy; the helpers here dispatch on the type of their argument.
+Num = Any  # float | sympy.Expr
+
+
+def _isf(x: Any) -> bool:
+    return isinstance(x, float)
+
+
+def _is_number(x: Num) -> bool:
+    return _isf(x) or bool(x.is_number)
+
+
+def _exp(x: Num) -> Num:
+    return math.exp(x) if _isf(x) else sympy.exp(x)
+
+
+def _cosh(x: Num) -> Num:
+    return math.cosh(x) if _isf(x) else sympy.cosh(x)
+
+
+def _root(x: Num) -> Num:
+    return math.sqrt(x) if _isf(x) else sympy.sqrt(x)
+
+
 @lru_cache(maxsize=None)
 def _gh_nodes() -> tuple[tuple[sympy.Float, sympy.Float], ...]:
     """Gauss-Hermite nodes/weights for a standard normal variable (weights sum to 1)."""
@@ -74,31 +107,43 @@ def _gh_nodes() -> tuple[tuple[sympy.Float, sympy.Float], ...]:
     return tuple(out)
 
 
-def _poly(coeffs: tuple[float, ...], x: sympy.Expr) -> sympy.Expr:
+@lru_cache(maxsize=None)
+def _gh_nodes_float() -> tuple[tuple[float, float], ...]:
+    return tuple((float(z), float(w)) for z, w in _gh_nodes())
+
+
+def _poly(coeffs: tuple[float, ...], x: Num) -> Num:
+    if _isf(x):
+        return sum(c * x**i for i, c in enumerate(coeffs))
     return sum((sympy.Float(c) * x**i for i, c in enumerate(coeffs)), sympy.Integer(0))
 
 
-def _shifted_lognormal(mean_minus_one: sympy.Expr, tau2: sympy.Expr) -> list[tuple[sympy.Expr, sympy.Expr]]:
+def _shifted_lognormal(mean_minus_one: Num, tau2: Num) -> list[tuple[Num, Num]]:
     """``[(weight, 1 + mean_minus_one * exp(tau z - tau^2 / 2))]`` over the Gauss-Hermite nodes."""
-    tau = sympy.sqrt(tau2)
+    tau = _root(tau2)
+    if _isf(tau2):
+        return [(w, 1.0 + mean_minus_one * math.exp(tau * z - tau2 / 2)) for z, w in _gh_nodes_float()]
     return [(w, _tidy(1 + mean_minus_one * sympy.exp(tau * z - tau2 / 2))) for z, w in _gh_nodes()]
 
 
-def _f_poles(s2: Any) -> list[tuple[sympy.Expr, sympy.Expr]]:
+def _f_poles(s2: Num) -> list[tuple[Num, Num]]:
     """Poles ``(w_k, a_k)`` of ``E[sum p^2] ~= sum_k w_k a_k / (n - 1 + a_k)``."""
-    s2 = _s(s2)
-    return _shifted_lognormal(sympy.exp(s2) - 1, _poly(_TAU_A, s2))
+    return _shifted_lognormal(_exp(s2) - 1, _poly(_TAU_A, s2))
 
 
-def _t_poles(s2: Any) -> list[tuple[sympy.Expr, sympy.Expr, sympy.Expr]]:
+def _t_poles(s2: Num) -> list[tuple[Num, Num, Num]]:
     """``(w_k, a_k, c_k)`` of the backward weight ``sum_k w_k a_k (n - 1) / ((n - 1 + a_k)(n - 1 + c_k))``."""
-    s2 = _s(s2)
+    if _isf(s2):
+        gamma = _GAMMA[0] * s2 ** _GAMMA[1]
+        return [(w, a, 1.0 + gamma * (a - 1) ** _P) for w, a in _f_poles(s2)]
     gamma = sympy.Float(_GAMMA[0]) * s2 ** sympy.Float(_GAMMA[1])
     return [(w, a, _tidy(1 + gamma * (a - 1) ** sympy.Float(_P))) for w, a in _f_poles(s2)]
 
 
-def _tidy(e: Any) -> sympy.Expr:
+def _tidy(e: Any) -> Num:
     """Evaluate every purely numeric sub-expression (a Float when nothing symbolic is left)."""
+    if _isf(e):
+        return e
     e = sympy.sympify(e)
     if not e.free_symbols:
         return e.evalf(15)
@@ -113,22 +158,28 @@ def _tidy(e: Any) -> sympy.Expr:
     return walk(e)
 
 
-def _sqrt(e: sympy.Expr) -> sympy.Expr:
+def _sqrt(e: Num) -> Num:
     """Square root without sympy's (slow, here useless) sign analysis of large symbolic radicands."""
+    if _isf(e):
+        return math.sqrt(e)
     e = sympy.sympify(e)
     return sympy.sqrt(e) if not e.free_symbols else sympy.Pow(e, sympy.S.Half, evaluate=False)
 
 
-def _finish(e: Any) -> sympy.Expr:
+def _finish(e: Any) -> Num:
     """A Float when nothing symbolic is left; symbolic results are returned as built (their numeric
     pieces were evaluated on construction, see :func:`_pg`)."""
+    if _isf(e):
+        return e
     e = sympy.sympify(e)
     return e.evalf(15) if not e.free_symbols else e
 
 
-def _prod(*factors: Any) -> sympy.Expr:
+def _prod(*factors: Any) -> Num:
     """Product of the factors, left unevaluated when symbolic (sympy's flattening of a coefficient
     into a large symbolic square root runs a slow sign analysis that gains nothing here)."""
+    if all(_isf(f) for f in factors):
+        return math.prod(factors)
     fs = [sympy.sympify(f) for f in factors]
     fs = [f for f in fs if f != 1]
     if not fs:
@@ -138,10 +189,12 @@ def _prod(*factors: Any) -> sympy.Expr:
     return sympy.Mul(*fs, evaluate=False)
 
 
-def _pg(order: int, x: sympy.Expr) -> sympy.Expr:
+def _pg(order: int, x: Num) -> Num:
     """``polygamma(order, x)``, evaluated right away when ``x`` is a positive number (in floats:
     :func:`~unitscale_fx.analysis.evaluate.digamma` / ``trigamma``, |error| < 1e-14; sympy's
     arbitrary-precision evaluation was most of the analysis time of a causal model)."""
+    if _isf(x) and x > 0 and order in (0, 1):
+        return digamma(x) if order == 0 else trigamma(x)
     x = sympy.sympify(x)
     if not x.free_symbols:
         xf = float(x)
@@ -151,7 +204,9 @@ def _pg(order: int, x: sympy.Expr) -> sympy.Expr:
     return sympy.polygamma(order, x)
 
 
-def _harmonic(S: sympy.Expr, m: int = 1) -> sympy.Expr:
+def _harmonic(S: Num, m: int = 1) -> Num:
+    if _isf(S) and S >= 0 and m in (1, 2):
+        return harmonic(S, m)
     S = sympy.sympify(S)
     if not S.free_symbols:
         sf = float(S)
@@ -161,43 +216,91 @@ def _harmonic(S: sympy.Expr, m: int = 1) -> sympy.Expr:
     return sympy.harmonic(S) if m == 1 else sympy.harmonic(S, m)
 
 
+def _to_systems(args: list[Any]) -> tuple[list[Any], list[Any] | None]:
+    """The arguments as sympy, and as floats when every one is a finite real number and one at
+    least is inexact (a float; else ``None``): exact numbers (integers, rationals) keep exact
+    results, symbols symbolic ones. ``None`` and ``bool`` pass through."""
+    conv = [a if a is None or isinstance(a, bool) else _s(a) for a in args]
+    nums = [a for a in conv if a is not None and not isinstance(a, bool)]
+    if any(a.is_Float for a in nums) and all(not a.free_symbols and a.is_real is not False for a in nums):
+        try:
+            floats = [float(a) for a in nums]
+        except (TypeError, ValueError):
+            return conv, None
+        if all(math.isfinite(f) for f in floats):
+            it = iter(floats)
+            return conv, [a if a is None or isinstance(a, bool) else next(it) for a in conv]
+    return conv, None
+
+
+def _to_sympy(x: Any) -> Any:
+    if _isf(x):
+        return sympy.Float(x, 15)
+    if isinstance(x, AttentionStats):
+        return AttentionStats(**{f.name: _to_sympy(getattr(x, f.name)) for f in dataclasses.fields(x)})
+    return sympy.sympify(x)
+
+
+def _dual(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Public face of a generic function: arguments in one number system (:func:`_to_systems`),
+    results as sympy (Floats when numeric). Where floats fail (``exp`` of a logit variance past 709
+    overflows) the same formulas run again in sympy's arbitrary-precision numbers. ``fn.generic`` is the
+    raw function, for internal calls."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def public(*args: Any, **kwargs: Any) -> Any:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        keys = list(bound.arguments)
+        exact, floats = _to_systems([bound.arguments[k] for k in keys])
+        if floats is not None:
+            try:
+                return _to_sympy(fn(**dict(zip(keys, floats))))
+            except (OverflowError, ZeroDivisionError, ValueError):  # ValueError: math domain error
+                pass
+        return _to_sympy(fn(**dict(zip(keys, exact))))
+
+    public.generic = fn  # type: ignore[attr-defined]
+    return public
+
 
 # ---------------------------------------------------------------------------------------------
 # softmax moments for i.i.d. N(0, s2) logits
 # ---------------------------------------------------------------------------------------------
-def logit_variance(*, d: Any, scale: Any, q_rms: Any, k_rms: Any, k_corr: Any = 0) -> sympy.Expr:
+@_dual
+def logit_variance(*, d: Any, scale: Any, q_rms: Any, k_rms: Any, k_corr: Any = 0) -> Num:
     """Variance across keys of one query's logits: ``scale^2 d q_rms^2 k_rms^2 (1 - k_corr)``.
 
     The part of ``k`` shared by all tokens shifts every logit of a query equally and cannot change
     the softmax, hence the ``(1 - k_corr)``.
     """
-    return _s(scale) ** 2 * _s(d) * _s(q_rms) ** 2 * _s(k_rms) ** 2 * (1 - _s(k_corr))
+    return scale**2 * d * q_rms**2 * k_rms**2 * (1 - k_corr)
 
 
-def sum_p2_full(n: Any, s2: Any) -> sympy.Expr:
+@_dual
+def sum_p2_full(n: Any, s2: Any) -> Num:
     """``E[sum_j p_j^2]`` for a softmax over ``n`` keys with i.i.d. ``N(0, s2)`` logits.
 
     Pole mixture ``sum_k w_k a_k / (n - 1 + a_k)``: exactly 1 at ``n = 1``, ``1/n`` at ``s2 = 0``,
     ``~ e^{s2} / n`` for ``n >> e^{2 s2}``; within 1.2 % (``s2 <= 1``) and 5 % (``s2 <= 4``) of the
     exact value for ``n = 1 ... 16384``.
     """
-    n = _s(n)
-    return _finish(sum((w * a / (n - 1 + a) for w, a in _f_poles(s2)), sympy.Integer(0)))
+    return _finish(sum(w * a / (n - 1 + a) for w, a in _f_poles(s2)))
 
 
-def sum_p2_causal(S: Any, s2: Any) -> sympy.Expr:
+@_dual
+def sum_p2_causal(S: Any, s2: Any) -> Num:
     """Average of :func:`sum_p2_full` over the query positions of a causal mask (``n = 1 ... S``).
 
     ``(1/S) sum_k w_k a_k (digamma(S + a_k) - digamma(a_k))``.
     """
-    S = _s(S)
-    total = sum(
-        (w * a * (_pg(0, S + a) - _pg(0, a)) for w, a in _f_poles(s2)), sympy.Integer(0)
-    )
+    total = sum(w * a * (_pg(0, S + a) - _pg(0, a)) for w, a in _f_poles(s2))
     return _finish(total / S)
 
 
-def backward_weight_full(n: Any, s2: Any) -> sympy.Expr:
+@_dual
+def backward_weight_full(n: Any, s2: Any) -> Num:
     """``E[sum_j p_j^2 - 2 sum_j p_j^3 + (sum_j p_j^2)^2]`` over ``n`` keys (i.i.d. ``N(0, s2)`` logits).
 
     This is ``E[sum_j p_j^2 (u_j - sum_l p_l u_l)^2] / Var(u)`` for i.i.d. ``u`` independent of
@@ -207,18 +310,17 @@ def backward_weight_full(n: Any, s2: Any) -> sympy.Expr:
     :func:`sum_p2_full`) and ``g_k = c_k / (n - 1 + c_k)``: positive and below ``sum_p2`` by
     construction; within 3.2 % of the exact value for ``s2 <= 4``, ``n <= 4096``.
     """
-    n = _s(n)
-    return _finish(sum((w * a * (n - 1) / ((n - 1 + a) * (n - 1 + c)) for w, a, c in _t_poles(s2)), sympy.Integer(0)))
+    return _finish(sum(w * a * (n - 1) / ((n - 1 + a) * (n - 1 + c)) for w, a, c in _t_poles(s2)))
 
 
-def backward_weight_causal(S: Any, s2: Any) -> sympy.Expr:
+@_dual
+def backward_weight_causal(S: Any, s2: Any) -> Num:
     """Average of :func:`backward_weight_full` over ``n = 1 ... S`` (digamma closed form)."""
-    S = _s(S)
-    total = sympy.Integer(0)
+    total = 0
     for w, a, c in _t_poles(s2):
         da = _pg(0, S + a) - _pg(0, a)
         diff = c - a
-        if diff.is_number and abs(float(diff)) < 1e-6 * float(a):
+        if _is_number(diff) and abs(float(diff)) < 1e-6 * float(a):
             # confluent limit c -> a: sum_{m<S} a m / (m + a)^2
             total += w * a * (da - a * (_pg(1, a) - _pg(1, S + a)))
         else:
@@ -227,31 +329,32 @@ def backward_weight_causal(S: Any, s2: Any) -> sympy.Expr:
     return _finish(total / S)
 
 
-def _kappa(s2: sympy.Expr, rho: sympy.Expr, d: Any) -> sympy.Expr:
+def _kappa(s2: Num, rho: Num, d: Any) -> Num:
     """Fraction of the excess ``E[sum p^2] - 1/n`` shared by the weights of two different queries.
 
     Two queries' logits for the same key have correlation ``C`` (mean ``rho = q_corr``, spread
     ``(1 - rho^2)/sqrt(d)`` from the finite head dimension); to leading order
     ``E[n^2 p_i p_i'] = E[e^{C s2}]``, so ``kappa = (E[e^{C s2}] - 1) / (e^{s2} - 1)``.
     """
-    if s2.is_zero:
+    if s2 == 0:
         return rho
-    spread = sympy.cosh(s2 * (1 - rho**2) / sympy.sqrt(_s(d))) if d is not None else sympy.Integer(1)
-    return _tidy((sympy.exp(rho * s2) * spread - 1) / (sympy.exp(s2) - 1))
+    spread = _cosh(s2 * (1 - rho**2) / _root(d)) if d is not None else 1
+    return _tidy((_exp(rho * s2) * spread - 1) / (_exp(s2) - 1))
 
 
-def overlap_full(n: Any, s2: Any, rho: Any = 0, d: Any = None) -> sympy.Expr:
+@_dual
+def overlap_full(n: Any, s2: Any, rho: Any = 0, d: Any = None) -> Num:
     """``E[sum_j p_ij p_i'j]`` for two different queries ``i != i'`` over the same ``n`` keys.
 
     ``1/n + kappa (E[sum p^2] - 1/n)``: exactly ``1/n`` for independent logits, ``E[sum p^2]`` for
     identical ones. ``rho`` is the correlation of the two queries (``q_corr``); ``d`` (optional) the
     head dimension, which adds the small overlap due to the random overlap of two query directions.
     """
-    n, s2, rho = _s(n), _s(s2), _s(rho)
-    return _finish(1 / n + _kappa(s2, rho, d) * (sum_p2_full(n, s2) - 1 / n))
+    return _finish(1 / n + _kappa(s2, rho, d) * (sum_p2_full.generic(n, s2) - 1 / n))
 
 
-def overlap_causal(S: Any, s2: Any, rho: Any = 0, d: Any = None) -> sympy.Expr:
+@_dual
+def overlap_causal(S: Any, s2: Any, rho: Any = 0, d: Any = None) -> Num:
     """:func:`overlap_full` averaged over the ordered pairs ``i != i'`` of a causal ``S x S`` mask.
 
     Queries with ``n < n'`` keys share ``n`` keys; ``O(n, n') ~= (1 + kappa (n F(n) - 1)) / n'`` with
@@ -259,13 +362,12 @@ def overlap_causal(S: Any, s2: Any, rho: Any = 0, d: Any = None) -> sympy.Expr:
     shared part uses ``sum_{n < n'} (n F(n) - 1) ~= (n' - 1) (x F(x) - 1)|_{x = 0.42 n'}`` (within 6 %
     of the double sum for ``S = 32 ... 2048``, ``s2 <= 4``), which keeps a digamma closed form.
     """
-    S, s2, rho = _s(S), _s(s2), _s(rho)
-    if S.is_number and S <= 1:
-        return sympy.Integer(0)
+    if _is_number(S) and S <= 1:
+        return 0.0 if _isf(S) else sympy.Integer(0)
     H = _harmonic(S)
-    lam = sympy.Float(_LAMBDA)
+    lam = _LAMBDA
     poles = _f_poles(s2)
-    m1 = sum((w * a for w, a in poles), sympy.Integer(0))
+    m1 = sum(w * a for w, a in poles)
     shared = (m1 - 1) * (S - H)
     for w, a in poles:
         b = (a - 1) / lam
@@ -273,26 +375,26 @@ def overlap_causal(S: Any, s2: Any, rho: Any = 0, d: Any = None) -> sympy.Expr:
     return _finish(2 * ((S - H) + _kappa(s2, rho, d) * shared) / (S * (S - 1)))
 
 
-def _inv_n_weighted_causal(S: sympy.Expr, s2: sympy.Expr) -> sympy.Expr:
+def _inv_n_weighted_causal(S: Num, s2: Num) -> Num:
     """``sum_{n=1}^S F(n) / n`` with ``F = sum_p2_full``."""
     H = _harmonic(S)
-    total = sympy.Integer(0)
+    total = 0
     for w, a in _f_poles(s2):
         b = a - 1
-        if b.is_number and abs(float(b)) < 1e-9:
+        if _is_number(b) and abs(float(b)) < 1e-9:
             total += w * a * _harmonic(S, 2)
         else:
             total += w * a / b * (H - _pg(0, S + a) + _pg(0, a))
     return total
 
 
-def _log_weighted_causal(S: sympy.Expr, s2: sympy.Expr) -> sympy.Expr:
+def _log_weighted_causal(S: Num, s2: Num) -> Num:
     """``sum_{n=1}^S F(n) (H_S - H_n)``, with ``H_S - H_n ~= h(S + a - 1) - h(n + a - 1)`` per pole.
 
     ``h(x) = digamma(x + 1) + EulerGamma``; exact for ``a = 1`` (``(H_S^2 - H_S^(2)) / 2``), within
     ~6 % for the fitted poles. Uses ``sum_{m=a}^{M} h(m) / m = (h(M)^2 - h(a-1)^2 + sum 1/m^2) / 2``.
     """
-    total = sympy.Integer(0)
+    total = 0
     for w, a in _f_poles(s2):
         delta = _pg(0, S + a) - _pg(0, a)
         delta2 = _pg(1, a) - _pg(1, S + a)
@@ -300,7 +402,7 @@ def _log_weighted_causal(S: sympy.Expr, s2: sympy.Expr) -> sympy.Expr:
     return total
 
 
-def _bracketed_overlap(causal: bool, n_or_S: sympy.Expr, s2: sympy.Expr, O: sympy.Expr, F: sympy.Expr) -> sympy.Expr:
+def _bracketed_overlap(causal: bool, n_or_S: Num, s2: Num, O: Num, F: Num) -> Num:
     """Average over query pairs of ``E[sum_j p_ij p_i'j (1 - p_ij - p_i'j + O_ii')]``.
 
     The weight of the cross-query terms of ``grad_k`` (the gradients reaching the logits are
@@ -312,12 +414,14 @@ def _bracketed_overlap(causal: bool, n_or_S: sympy.Expr, s2: sympy.Expr, O: symp
     if not causal:
         return O * (1 - 2 * F + O)
     S = n_or_S
-    if S.is_number and S <= 1:
-        return sympy.Integer(0)
+    if _is_number(S) and S <= 1:
+        return 0.0 if _isf(S) else sympy.Integer(0)
     q = _inv_n_weighted_causal(S, s2)
     corr = _log_weighted_causal(S, s2) + S * F - 2 * q + 1
     out = O - 2 * corr / (S * (S - 1))
-    if out.is_number:
+    if _isf(out):
+        out = max(out, 0.0)
+    elif out.is_number:
         out = sympy.Max(out, 0)
     return out
 
@@ -354,14 +458,15 @@ class AttentionStats:
     grad_q_corr: sympy.Expr = sympy.Integer(0)
 
 
-def _qnorm_nodes(d: sympy.Expr) -> list[tuple[sympy.Expr, sympy.Expr]]:
+def _qnorm_nodes(d: Num) -> list[tuple[Num, Num]]:
     """2-point Gauss rule for ``X = |q|^2 / (d q_rms^2) ~ Gamma(d/2, 2/d)`` (exact up to cubics)."""
     al = d / 2
-    r = sympy.sqrt(al + 1)
+    r = _root(al + 1)
     nodes = [((al + 1 + r) / al, (1 - 1 / r) / 2), ((al + 1 - r) / al, (1 + 1 / r) / 2)]
     return [(_tidy(x), _tidy(w)) for x, w in nodes]
 
 
+@_dual
 def attention_stats(
     *,
     sq: Any,
@@ -406,33 +511,29 @@ def attention_stats(
     Returns:
         :class:`AttentionStats`.
     """
-    sq, sk, d, scale = _s(sq), _s(sk), _s(d), _s(scale)
-    q_rms, k_rms, v_rms = _s(q_rms), _s(k_rms), _s(v_rms)
-    qc, kc, vc = _s(q_corr), _s(k_corr), _s(v_corr)
-    g, gc = _s(grad_out_rms), _s(grad_out_corr)
-    r = _s(kv_repeat)
+    qc, kc, vc, g, gc, r = q_corr, k_corr, v_corr, grad_out_rms, grad_out_corr, kv_repeat
     if causal:
         if valid_keys is not None:
             raise ValueError("attention_stats: valid_keys (key padding) is only modelled for non-causal attention")
-        diff = sympy.expand(sq - sk)
-        if diff.is_number and diff != 0:
+        diff = sq - sk if _isf(sq) and _isf(sk) else sympy.expand(sq - sk)
+        if _is_number(diff) and diff != 0:
             raise ValueError(f"attention_stats: a causal mask needs sq == sk, got sq={sq}, sk={sk}")
-    n = sk if valid_keys is None else _s(valid_keys)
+    n = sk if valid_keys is None else valid_keys
 
-    s2 = _tidy(logit_variance(d=d, scale=scale, q_rms=q_rms, k_rms=k_rms, k_corr=kc))
+    s2 = _tidy(logit_variance.generic(d=d, scale=scale, q_rms=q_rms, k_rms=k_rms, k_corr=kc))
 
     # Average over the query-norm fluctuation: logits of query i have variance s2 * X_i.
-    F = TQ = TX = O = Ob = onemF = C1 = C2 = sympy.Integer(0)
+    F = TQ = TX = O = Ob = onemF = C1 = C2 = 0
     for x, w in _qnorm_nodes(d):
         s2x = _tidy(s2 * x)
         if causal:
-            Fx = sum_p2_causal(sq, s2x)
-            Tx = backward_weight_causal(sq, s2x)
-            Ox = overlap_causal(sq, s2x, qc, d)
+            Fx = sum_p2_causal.generic(sq, s2x)
+            Tx = backward_weight_causal.generic(sq, s2x)
+            Ox = overlap_causal.generic(sq, s2x, qc, d)
         else:
-            Fx = sum_p2_full(n, s2x)
-            Tx = backward_weight_full(n, s2x)
-            Ox = overlap_full(n, s2x, qc, d)
+            Fx = sum_p2_full.generic(n, s2x)
+            Tx = backward_weight_full.generic(n, s2x)
+            Ox = overlap_full.generic(n, s2x, qc, d)
         Obx = _bracketed_overlap(causal, sq if causal else n, s2x, Ox, Fx)
         F += w * Fx
         Ob += w * Obx
@@ -452,13 +553,13 @@ def attention_stats(
         align = onemF**2 * 2 * (sq - _harmonic(sq))
     else:
         align = onemF**2 * sq * (sq - 1) / n
-    align = align * Ob / O if not (O.is_number and O == 0) else sympy.Integer(0)
+    align = align * Ob / O if not (_is_number(O) and O == 0) else 0
 
     # k-v coupling: the softmax tilts the keys' shared input x_j along a = scale Wk q_i
     # (|a|^2 = s2 x): E_p[v_j] = (1 - F) Wv^T a, of mean square s2 x (1 - F)^2 / D per component
     # (correlated across queries as q is); the same tilt gives grad_q the coherent part
     # scale Wk Cov_p(x) Wv^T g, of mean square scale^2 d k^2 g^2 v^2 (1 - F)^2 / D.
-    kvc = _s(kv_coupling)
+    kvc = kv_coupling
     coh_out = (1 - vc) * kvc * s2 * C2
     coh_q = d * (1 - kc) * (1 - vc) * kvc * C1
 
@@ -468,7 +569,7 @@ def attention_stats(
     gq_ms = d * (1 - kc) * (1 - vc) * TQ + coh_q
     gk_ms = r * (1 - vc) * (d * sq * (TX + qc * gc * (sq - 1) * Ob) + s2 * gc * align) / sk
     gv_ms = r * sq * (F + gc * (sq - 1) * O) / sk
-    abs_scale = sympy.Abs(scale)
+    abs_scale = abs(scale) if _isf(scale) else sympy.Abs(scale)
 
     return AttentionStats(
         out_rms=_finish(_prod(v_rms, _sqrt(out_ms))),
@@ -478,5 +579,5 @@ def attention_stats(
         grad_v_rms=_finish(_prod(g, _sqrt(gv_ms))),
         logit_var=_tidy(s2),
         sum_p2=_finish(F),
-        grad_q_corr=_finish(gc * coh_q / gq_ms) if not (kvc.is_number and kvc == 0) else sympy.Integer(0),
+        grad_q_corr=_finish(gc * coh_q / gq_ms) if not (_is_number(kvc) and kvc == 0) else 0.0,
     )

@@ -7,7 +7,7 @@ failures in :class:`~unitscale_fx.errors.PassError` naming the pass and those th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import sympy
 import torch
@@ -62,8 +62,9 @@ class PassManager:
     (Passes work on the graph, never on the generated code, so one ``recompile`` suffices; it is
     the slow step for a graph of thousands of nodes.)"""
 
-    def __init__(self, passes: Sequence[Pass]):
+    def __init__(self, passes: Sequence[Pass], on_done: Callable[[Pass, TransformState], None] | None = None):
         self.passes = list(passes)
+        self.on_done = on_done  # called after each pass that succeeded (e.g. to start work it enables)
 
     def __call__(self, gm: fx.GraphModule, state: TransformState) -> fx.GraphModule:
         ran: list[str] = []
@@ -83,6 +84,8 @@ class PassManager:
                 ) from e
             state.counts[p.name] = dict(res.counts)
             ran.append(p.name)
+            if self.on_done is not None:
+                self.on_done(p, state)
         gm.recompile()
         return gm
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import sympy
 import torch.fx as fx
@@ -71,7 +71,10 @@ class UnitScaleBackward(Pass):
                 getitems = [u for u in n.users if u.op == "call_function" and u.target is operator.getitem]
                 grads = n.meta.get("_us_bwd_multi") or ()
                 tvals = [g.rms for g in grads if g is not None and (val(g.rms) or 0) > 0]
-                want = 1 / sympy.sqrt(sympy.Mul(*tvals) ** sympy.Rational(2, len(tvals))) if tvals else None
+                want = None
+                if tvals:
+                    w = 1 / math.prod(val(t) for t in tvals) ** (1 / len(tvals))
+                    want = (w, lambda: 1 / sympy.sqrt(sympy.Mul(*tvals) ** sympy.Rational(2, len(tvals))))
                 cons = [(gi, c) for gi in getitems for c in consumers(gi)]
                 dn = self._choose(want, [d_of(c) for _, c in cons], val)
                 D[n] = dn
@@ -86,7 +89,7 @@ class UnitScaleBackward(Pass):
                 continue
             t = rec.bwd.rms if rec is not None and rec.bwd is not None else None
             tv = val(t) if t is not None else None
-            want = 1 / t if tv is not None and tv > 0 and math.isfinite(tv) else None
+            want = (1 / tv, lambda t=t: 1 / t) if tv is not None and tv > 0 and math.isfinite(tv) else None
             if n in state.skipped_nodes and n.op == "call_function":
                 want = None
             dn = self._choose(want, [d_of(c) for c in cons], val)
@@ -120,10 +123,13 @@ class UnitScaleBackward(Pass):
         return PassResult(gm, count > 0, {"grad_scale": count})
 
     @staticmethod
-    def _choose(want: sympy.Expr | None, cons_d: list[sympy.Expr], val) -> sympy.Expr:
+    def _choose(want: tuple[float, Callable[[], sympy.Expr]] | None, cons_d: list[sympy.Expr], val) -> sympy.Expr:
+        """The backward factor of a node: a consumer's within :data:`_SNAP` of the one it wants, else
+        the one it wants. ``want`` is ``(value, build)``: the expression is built only when used
+        (sympy divisions were a good part of this pass's time)."""
         if want is None:
             return cons_d[0] if cons_d else sympy.Integer(1)
-        w = val(want)
+        w, build = want
         best, best_err = None, None
         for d in cons_d:
             dv = val(d)
@@ -134,7 +140,7 @@ class UnitScaleBackward(Pass):
                 best, best_err = d, err
         if best is not None and best_err is not None and best_err < _SNAP:
             return best
-        return want
+        return build()
 
 
 def _differs(a: sympy.Expr, b: sympy.Expr, val) -> bool:
