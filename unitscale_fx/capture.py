@@ -75,6 +75,66 @@ def _dynamic_spec(x: Any) -> Any:
     return spec
 
 
+#: ``node.meta["custom"][CHECKPOINT_KEY]``: the activation-checkpoint region (an int) a node was traced in
+CHECKPOINT_KEY = "unitscale_fx.checkpoint"
+
+
+@contextlib.contextmanager
+def _tag_checkpoint_regions():
+    """Mark the nodes traced inside ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False)``.
+
+    Non-strict export runs the checkpointed function inline, so the captured graph would save every
+    activation. While exporting, torch's non-reentrant checkpoint generator is wrapped: the nodes the
+    tracer adds between its pre- and post-forward steps get ``node.meta["custom"][CHECKPOINT_KEY]``
+    (a region number; the outermost region wins for nested checkpoints). The runner later calls each
+    region through ``checkpoint`` again (:mod:`unitscale_fx.passes.checkpoint`). Outside a trace the
+    wrapper only delegates.
+    """
+    import itertools
+
+    import torch.utils.checkpoint as tuc
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    orig = tuc._checkpoint_without_reentrant_generator
+    regions = itertools.count()
+
+    def tagged(*args: Any, **kwargs: Any):
+        mode = get_proxy_mode()
+        graph = getattr(getattr(mode, "tracer", None), "graph", None)
+        before = set(graph.nodes) if graph is not None else None
+        region = next(regions)
+        result = yield from orig(*args, **kwargs)
+        if graph is not None:
+            for n in graph.nodes:
+                if n not in before and n.op == "call_function":
+                    n.meta.setdefault("custom", {})[CHECKPOINT_KEY] = region
+        return result
+
+    orig_reentrant = tuc.CheckpointFunction
+
+    class _Reentrant:
+        """``checkpoint(..., use_reentrant=True)`` during the capture: export traces the reentrant
+        variant's forward under ``no_grad``, which would cut the gradient silently. Refused."""
+
+        @staticmethod
+        def apply(*args: Any) -> Any:
+            if get_proxy_mode() is not None:
+                raise _ReentrantCheckpoint("torch.utils.checkpoint(..., use_reentrant=True) inside the captured forward")
+            return orig_reentrant.apply(*args)
+
+    tuc._checkpoint_without_reentrant_generator = tagged
+    tuc.CheckpointFunction = _Reentrant
+    try:
+        yield
+    finally:
+        tuc._checkpoint_without_reentrant_generator = orig
+        tuc.CheckpointFunction = orig_reentrant
+
+
+class _ReentrantCheckpoint(RuntimeError):
+    """Raised inside the capture for a reentrant checkpoint (turned into a :class:`CaptureError`)."""
+
+
 @contextlib.contextmanager
 def _train_mode(model: nn.Module):
     flags = {m: m.training for m in model.modules()}
@@ -253,6 +313,13 @@ def _explain(exc: BaseException, model: nn.Module) -> tuple[str, str, str]:
     msg = str(exc)
     _, calls = user_frame_of_exception(exc)
     calls = calls or ""
+    if isinstance(exc, _ReentrantCheckpoint):
+        return ("torch.utils.checkpoint(..., use_reentrant=True) inside the forward: export traces the reentrant "
+                "variant as a no-grad region, so the captured graph would carry no gradient through it",
+                "torch.utils.checkpoint.CheckpointFunction (use_reentrant=True)",
+                "pass use_reentrant=False (torch's recommended variant; for Hugging Face models "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})): "
+                "non-reentrant regions are kept and still save memory (docs/distributed.md)")
     if "not a known type" in msg and "Cache" in msg:
         return ("the model returns a KV cache object", "output flattening (torch.utils._pytree)",
                 "build the model with use_cache=False (config.use_cache = False)")
@@ -287,7 +354,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, d
     dyn = _dynamic_shapes(model, args, kwargs) if dynamic else None
     watch = _CaptureWatch(model)
     try:
-        with _train_mode(model), watch:
+        with _train_mode(model), watch, _tag_checkpoint_regions():
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         msg = str(e)

@@ -262,7 +262,11 @@ class UnitScaledModule(nn.Module):
             ) from e
 
     def _make_runner(self):
-        gm = self._us_result.gm
+        from .passes.checkpoint import outline_checkpoints
+
+        # the user's activation-checkpoint regions run through checkpoint again (the result's own
+        # graph, which reports read, keeps every node at the top level)
+        gm, _ = outline_checkpoints(self._us_result.gm)
         cfg = self._us_config
         if not cfg.compile:
             return gm
