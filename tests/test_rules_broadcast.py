@@ -46,3 +46,36 @@ def test_a_sum_over_the_feature_dim_is_not_a_token_sum():
     (``docs/prediction_accuracy.md``)."""
     assert _factor([B, S, 1], [B, S, D], 0.6) == 1.0
     assert _factor([B, S, 1], [B, S, D], 1.0) == 1.0
+
+
+def test_a_per_feature_gain_keeps_the_token_correlation():
+    """``x * w`` with a ``[D]`` parameter broadcast over the tokens: ``w`` is the same vector at every
+    token, so the product keeps ``x``'s token correlation. The rule took the parameter's own Stat
+    (correlation 0) and predicted 0 behind every hand-written RMSNorm of an original Llama / T5
+    (their fwd p90 was 1.2 / 1.3 from it, docs/prediction_accuracy.md)."""
+    import torch
+    import torch.nn as nn
+
+    import unitscale_fx
+    from unitscale_fx.analysis.record import META_KEY
+
+    class Norm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(D))
+
+        def forward(self, x):
+            return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)) * self.w
+
+    g = torch.Generator().manual_seed(0)
+    x = math.sqrt(0.7) * torch.randn(B, 1, D, generator=g) + math.sqrt(0.3) * torch.randn(B, S, D, generator=g)
+    model = Norm()
+    res = unitscale_fx.analyse(model, (x,))
+    out = next(n for n in res.gm.graph.nodes if n.op == "output").args[0][0]
+    predicted = res.analysis.value_of(out.meta[META_KEY].fwd.corr)
+    with torch.no_grad():
+        y = model(x).double()
+    sums = y.sum(1).pow(2).sum(-1) - y.pow(2).sum((1, 2))  # sum over token pairs i != j of <y_i, y_j>
+    measured = float(sums.sum() / (B * S * (S - 1)) / y.pow(2).sum(-1).mean())
+    assert measured == pytest.approx(0.7, abs=0.1)
+    assert predicted == pytest.approx(measured, abs=0.05)

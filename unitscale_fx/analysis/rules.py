@@ -467,9 +467,27 @@ def _scalar_stat(x: Any) -> Stat:
     return Stat(sympy.Abs(v), ONE, v)
 
 
+def _as_broadcast(ctx: RuleContext, name: str, st: Stat) -> Stat:
+    """``st`` as the op sees the operand: one broadcast over every dim but the last (a per-feature
+    gain, scale or bias) is the same vector at every token, i.e. token correlation 1, whatever the
+    correlation of its own rows (a parameter's Stat has 0 there)."""
+    out = list(ctx.shape())
+    dims = list(ctx.shape(name))
+    rows_out = out[:-1]
+    if not rows_out or all(d == 1 for d in rows_out) or st.corr == 1:
+        return st
+    if all(d == 1 for d in dims[:-1]):
+        return Stat(st.rms, ONE, st.mean, st.trace)
+    return st
+
+
 def _independent(ctx: RuleContext, kind: str, a: Any, b: Any, alpha: Any) -> Stat:
     sa = _require(ctx.analysis.fwd_of(a)) if isinstance(a, fx.Node) else _scalar_stat(a)
     sb = _require(ctx.analysis.fwd_of(b)) if isinstance(b, fx.Node) else _scalar_stat(b)
+    if isinstance(a, fx.Node):
+        sa = _as_broadcast(ctx, ctx.name_of(0), sa)
+    if isinstance(b, fx.Node):
+        sb = _as_broadcast(ctx, ctx.name_of(1), sb)
     if kind in ("add", "sub"):
         al = sympy.sympify(alpha) * (-1 if kind == "sub" else 1)
         va, vb = _var(sa), _var(sb) * al**2
