@@ -406,3 +406,34 @@ def test_reentrant_checkpoint_inside_the_forward_is_refused_with_the_fix():
 def test_checkpoint_regions_compile():
     a, b, inp = _ck_pair(Config(compile=True, compile_backend="aot_eager"))
     _same_step(a, b, inp)
+
+
+def test_checkpoint_region_reading_a_module_attribute_inside_its_span():
+    """A get_attr a pass put between a region's nodes (not a region member: only call_function nodes
+    are) is emitted before the checkpoint call that reads it."""
+    from unitscale_fx.passes.checkpoint import CHECKPOINT_KEY, outline_checkpoints
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.tensor(2.0))
+
+    root = Scale()
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.sin, (x,))
+    s = g.get_attr("s")
+    b = g.call_function(torch.mul, (a, s))
+    c = g.call_function(torch.cos, (b,))
+    g.output(c)
+    for n in (a, b, c):
+        n.meta["custom"] = {CHECKPOINT_KEY: 0}
+    gm = torch.fx.GraphModule(root, g)
+    out, k = outline_checkpoints(gm)
+    assert k == 1
+    t = torch.randn(5, requires_grad=True)
+    ref = gm(t)
+    got = out(t)
+    torch.testing.assert_close(got, ref)
+    got.sum().backward()
+    assert root.s.grad is not None and torch.isfinite(root.s.grad)

@@ -102,6 +102,9 @@ def _emit_region(gm: fx.GraphModule, new: fx.Graph, env: dict, region: list[fx.N
                 if a in member and env.get(a) is None:  # from a region not emitted yet: not convex
                     raise AssertionError(f"checkpoint region input {a.name} comes from a later region")
                 inputs.append(a)
+    for a in inputs:  # a module attribute read inside the span (e.g. a mode flag a pass inserted there)
+        if a not in env and a.op == "get_attr":
+            env[a] = new.node_copy(a, lambda x: env[x])
     outputs = [n for n in region if any(u not in inside for u in n.users)]
     sub = fx.Graph()
     senv: dict[fx.Node, fx.Node] = {}
