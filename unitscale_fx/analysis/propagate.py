@@ -96,6 +96,10 @@ class GraphAnalysis:
     _evaluator: Evaluator | None = field(default=None, repr=False)
     _doubled: dict = field(default_factory=dict, repr=False)  # evaluators with one size doubled
     _evaluator_key: tuple = field(default=(), repr=False)
+    #: per node: the token covariance left by causal attention, at the hinted length (an S x S float32
+    #: matrix, analysis/causal_structure.py); absent where only the exchangeable ``corr`` is known.
+    #: Needed while the forward analysis runs only: dropped at its end
+    tokcov: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ helpers for rules
     def fwd_of(self, node: fx.Node) -> Stat | None:
@@ -296,6 +300,7 @@ class GraphAnalysis:
             self.visit(node)
             if after is not None and node.op == "call_function":
                 after(node)
+        self.tokcov.clear()  # S x S matrices, only the forward propagation reads them
         if self.strict and self.missing:
             raise MissingRuleError(self.missing_message(), [(m.node, m.op, m.source) for m in self.missing])
         return self
@@ -349,6 +354,7 @@ class GraphAnalysis:
         ctx = RuleContext(node, self)
         try:
             rec.fwd = self.tame(rule.forward(ctx))
+            self._propagate_tokcov(node, rule, rec.fwd)
         except _Unsupported as e:
             if has_float_out:  # integer/bool values (ids, masks) carry no scale
                 self._missing(node, rec, reason=str(e))
@@ -363,6 +369,148 @@ class GraphAnalysis:
 
     def missing_message(self) -> str:
         return missing_message(self.missing)
+
+    # ------------------------------------------------------------------ position structure
+    def _propagate_tokcov(self, node: fx.Node, rule: Any, st: Any) -> None:
+        """``tokcov[node]`` from its inputs' (analysis/causal_structure.py), unless the rule set it.
+
+        Views, casts, scales, dropout, a matmul with a weight, a product with something the same at
+        every token: passed on. Per-token normalisations (norm ops, ``x * rsqrt(mean(x^2))``): each
+        position rescaled to unit variance. Adds: mixed by energy. Elementwise functions: the
+        covariance part scaled like the correlation. Products of two activations: elementwise
+        product. Anything else drops it (the exchangeable ``corr`` stands alone again).
+        """
+        from . import causal_structure as cs
+
+        if node in self.tokcov or not any(a in self.tokcov for a in node.all_input_nodes):
+            return
+        first = node.args[0] if node.args else None
+        if not isinstance(st, Stat):  # split / unbind / chunk: the pieces are read through getitem
+            if isinstance(st, (tuple, list)) and rule.kind == "view" and isinstance(first, fx.Node) \
+                    and first in self.tokcov:
+                self.tokcov[node] = self.tokcov[first]
+            return
+        k = None
+        if isinstance(first, (list, tuple)):  # cat / stack of pieces of one tensor (RoPE halves)
+            ks = [self.tokcov.get(a) for a in first if isinstance(a, fx.Node)]
+            k = ks[0] if ks and all(x is ks[0] for x in ks) else None
+        elif rule.kind == "norm" and isinstance(first, fx.Node) and first in self.tokcov:
+            k = cs.normalize_rows(self.tokcov[first])
+        elif rule.kind in ("view", "scale", "dropout", "reduction") or rule.name in ("cast", "grad_scale"):
+            k = self.tokcov.get(first) if isinstance(first, fx.Node) else None
+        elif rule.kind == "matmul":
+            acts = [a for a in node.all_input_nodes
+                    if a in self.tokcov or self.requires_grad(a) and not self._param_like(a)]
+            k = self.tokcov.get(acts[0]) if len(acts) == 1 else None
+        elif rule.name in ("add", "sub", "mul", "div"):
+            k = self._tokcov_binary(node, rule.name)
+        elif rule.kind == "pointwise" and isinstance(first, fx.Node) and first in self.tokcov:
+            k = self._tokcov_pointwise(self.tokcov[first], self.fwd_of(first), st)
+        if k is not None:
+            self.tokcov[node] = k
+
+    @staticmethod
+    def _param_like(n: fx.Node) -> bool:
+        """A parameter, possibly behind views, casts and backward-only scales."""
+        for _ in range(8):
+            if n.op == "get_attr":
+                return True
+            rule = lookup(n.target) if n.op == "call_function" else None
+            if rule is None or not (rule.kind == "view" or rule.name in ("cast", "grad_scale")) or not n.args \
+                    or not isinstance(n.args[0], fx.Node):
+                return False
+            n = n.args[0]
+        return False
+
+    def _numbers(self, s: Stat) -> tuple[float, float, float] | None:
+        vals = [self.value_of(x) for x in (s.rms ** 2, s.corr, s.mean)]
+        return None if any(v is None for v in vals) else (vals[0], vals[1], vals[2])
+
+    def _tokcov_of(self, n: fx.Node, size: int) -> Any:
+        """``n``'s carried covariance, or the exchangeable one of its ``corr``."""
+        from . import causal_structure as cs
+
+        if n in self.tokcov:
+            return self.tokcov[n]
+        st = self.fwd_of(n)
+        num = self._numbers(st) if st is not None else None
+        return None if num is None else cs.exchangeable(min(max(num[1], 0.0), 1.0), size)
+
+    def _tokcov_pointwise(self, k: Any, si: Stat | None, so: Stat) -> Any:
+        from . import causal_structure as cs
+
+        ni, no = (self._numbers(si) if si is not None else None), self._numbers(so)
+        if ni is None or no is None or ni[0] <= ni[2] ** 2 or no[0] <= 0:
+            return None
+        m_in, m_out = ni[2] ** 2 / ni[0], no[2] ** 2 / no[0]
+        rho_in = (ni[1] - m_in) / (1 - m_in)
+        rho_out = (no[1] - m_out) / (1 - m_out) if m_out < 1 else 0.0
+        if rho_in <= 1e-9:
+            return None
+        cov = (k - m_in) / (1 - m_in)  # the covariance part, mean diagonal 1
+        off = cov * (max(rho_out, 0.0) / rho_in)
+        off.diagonal().copy_(torch.diagonal(cov))
+        return cs.normalize_mean_diag(m_out + (1 - m_out) * off)
+
+    def _tokcov_binary(self, node: fx.Node, kind: str) -> Any:
+        from . import causal_structure as cs
+
+        nodes = [a for a in node.args[:2] if isinstance(a, fx.Node) and self.fwd_of(a) is not None]
+        if len(nodes) < 2:
+            return self.tokcov.get(nodes[0]) if nodes else None
+        a, b = nodes
+        size = next(iter(self.tokcov[x] for x in (a, b) if x in self.tokcov)).shape[0]
+        out = node.meta.get("val")
+        rows_out = list(out.shape[:-1]) if isinstance(out, torch.Tensor) else []
+
+        def shared(n: fx.Node) -> bool:  # broadcast over the tokens: the same at every one (a gain, a bias)
+            v = n.meta.get("val")
+            return not isinstance(v, torch.Tensor) or v.dim() <= 1 or all(d == 1 for d in v.shape[:-1])
+
+        def per_token(n: fx.Node) -> bool:  # one number per token, e.g. rsqrt(mean(x^2))
+            v = n.meta.get("val")
+            return isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[-1] == 1 and len(rows_out) > 0
+
+        if kind in ("add", "sub"):
+            ea, eb = self.value_of(self.fwd_of(a).rms ** 2), self.value_of(self.fwd_of(b).rms ** 2)
+            if ea is None or eb is None or ea + eb <= 0:
+                return None
+            out, const, diag = None, 0.0, 0.0
+            for e, n in ((ea, a), (eb, b)):
+                w = e / (ea + eb)
+                if n in self.tokcov:
+                    out = self.tokcov[n] * w if out is None else out.add_(self.tokcov[n], alpha=w)
+                elif shared(n):  # a bias: the same vector at every token, correlation 1
+                    const += w
+                else:  # exchangeable: c everywhere, 1 on the diagonal
+                    num = self._numbers(self.fwd_of(n))
+                    if num is None:
+                        return None
+                    c = min(max(num[1], 0.0), 1.0)
+                    const, diag = const + w * c, diag + w * (1.0 - c)
+            if out is None:
+                return None
+            out.add_(const)
+            out.diagonal().add_(diag)
+            return out
+        for x, y in ((a, b), (b, a)):
+            if x in self.tokcov and (shared(y) or not self.requires_grad(y) and y not in self.tokcov):
+                return self.tokcov[x]  # times a gain, or a constant (RoPE tables: approximately)
+            if x in self.tokcov and per_token(y):
+                # a normalisation (rsqrt / reciprocal of a mean square): each position to unit variance
+                src = y
+                for _ in range(8):  # through backward-only scales, casts and views
+                    r = lookup(src.target) if src.op == "call_function" else None
+                    if r is None or not (r.kind == "view" or r.name in ("cast", "grad_scale")) or not src.args \
+                            or not isinstance(src.args[0], fx.Node):
+                        break
+                    src = src.args[0]
+                is_norm = getattr(src.target, "__name__", "").startswith(("rsqrt", "reciprocal"))
+                return cs.normalize_rows(self.tokcov[x]) if is_norm else self.tokcov[x]
+        ka, kb = self._tokcov_of(a, size), self._tokcov_of(b, size)
+        if ka is None or kb is None or kind == "div":
+            return None
+        return cs.normalize_mean_diag(ka * kb)
 
     def _missing(self, node: fx.Node, rec: ScaleRecord, reason: str = "") -> None:
         rec.missing = True

@@ -1463,11 +1463,57 @@ def _sdpa_fwd(ctx: RuleContext) -> Stat:
     q, k, v, sq, sk, d, scale, kind, counts, rep = _sdpa_parts(ctx)
     st = _attention_stats(ctx, q, k, v, sq, sk, d, scale, kind, counts, rep)
     p = float(ctx.arg("dropout_p", 0.0) or 0.0)
-    rms = st.out_rms
+    rms, corr = st.out_rms, st.out_corr
+    if kind == "causal":
+        rms, corr = _causal_position_structure(ctx, v, st, sq)
     if p > 0:
         rms = rms * sympy.Float(1 / math.sqrt(1 - p), 8)
     ctx.node.meta["_us_attention"] = dict(kind=kind, sum_p2=st.sum_p2)
-    return Stat(rms, _clip01(st.out_corr), ZERO)
+    return Stat(rms, _clip01(corr), ZERO)
+
+
+def _causal_position_structure(ctx: RuleContext, v: Stat, st: Any, sq: Any) -> tuple[Any, Any]:
+    """Causal attention's output RMS and correlation with the values' position structure, and the
+    output's token covariance (``analysis.tokcov``, see analysis/causal_structure.py).
+
+    The closed forms take the values' token correlation as exchangeable. Where the values carry a
+    covariance left by an earlier causal attention, the difference it makes to the output's mean
+    square and correlation (exchangeable attention weights with the closed form's ``E sum p^2`` at
+    each position) is added. Numbers at the hinted length, like ``corr``: a constant factor on the
+    closed form, which keeps its dependence on the sequence length.
+    """
+    from . import causal_structure as cs
+    from .attention_stats import _f_poles, _qnorm_nodes
+
+    an = ctx.analysis
+    vals = [an.value_of(x) for x in (sq, st.out_rms, v.rms, v.corr, st.out_corr, st.logit_var, ctx.shape("query")[-1])]
+    if any(x is None for x in vals) or not 2 <= vals[0] <= cs.MAX_LEN or not vals[2]:
+        return st.out_rms, st.out_corr
+    n, out_rms, v_rms, cv, oc, s2, d = vals
+    if s2 > _FITTED_S2:  # peaked attention: each query keeps a few keys, the values' structure hardly matters
+        return st.out_rms, st.out_corr
+    n = int(round(n))
+    # E sum p^2 over n = 1 ... S keys (sum_p2_full's pole mixture, vectorised over n; query-norm nodes)
+    keys = torch.arange(1, n + 1, dtype=torch.float64)
+    f = torch.zeros(n, dtype=torch.float64)
+    for x, w in _qnorm_nodes(float(d)):
+        for wk, ak in _f_poles(float(s2) * float(x)):
+            f += float(w) * float(wk) * float(ak) / (keys - 1 + float(ak))
+    vnode = ctx.arg("value")
+    k_v = an.tokcov.get(vnode) if isinstance(vnode, fx.Node) else None
+    cv = min(max(cv, 0.0), 1.0)
+    if k_v is None or k_v.shape[0] != n:
+        k_v = cs.exchangeable(cv, n)
+    else:  # the Stat's average correlation stands; the carried covariance adds its shape
+        k_v = cs.with_average_corr(k_v, cv)
+    d_ms, d_corr, k_out = cs.structure_correction(k_v, cv, f)
+    an.tokcov[ctx.node] = k_out
+    ms = (out_rms / v_rms) ** 2
+    if d_ms == 0.0 and d_corr == 0.0 or ms <= 0:
+        return st.out_rms, st.out_corr
+    new_ms = max(ms + d_ms, 1e-12)
+    corr = min(max(oc + d_corr, 0.0), 1.0)
+    return st.out_rms * sympy.Float(math.sqrt(new_ms / ms), 8), sympy.Float(corr, 6)
 
 
 def _sdpa_bwd(ctx: RuleContext, g: Stat) -> dict:
