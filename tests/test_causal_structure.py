@@ -118,3 +118,25 @@ def test_exchangeable_output_closed_form(c):
     ms, corr = cs._exchangeable_output(c, f)
     assert ms == pytest.approx(float(torch.diagonal(k).mean()), rel=1e-12)
     assert corr == pytest.approx(cs.corr_of(k), rel=1e-10)
+
+
+def test_covariances_of_two_sequence_lengths_do_not_meet():
+    """An add of two tensors carrying covariances of different lengths (prefix and full sequence of
+    causal attentions) keeps ``corr`` alone instead of failing."""
+
+    class TwoLengths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 48, bias=False)
+
+        def forward(self, x):
+            q, k, v = self.proj(x).view(x.shape[0], x.shape[1], 3, 1, 16).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, 1, S, 16]
+            h = S // 2
+            b = F.scaled_dot_product_attention(q[:, :, :h], k[:, :, :h], v[:, :, :h], is_causal=True)
+            return (a[:, :, :h] + b).sum()
+
+    model = TwoLengths()
+    res = unitscale_fx.analyse(model, (torch.randn(2, S, 16),))
+    add = next(n for n in res.gm.graph.nodes if n.op == "call_function" and "add" in str(n.target))
+    assert add.meta[META_KEY].fwd is not None

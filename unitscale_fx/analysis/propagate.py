@@ -459,7 +459,10 @@ class GraphAnalysis:
         if len(nodes) < 2:
             return self.tokcov.get(nodes[0]) if nodes else None
         a, b = nodes
-        size = next(iter(self.tokcov[x] for x in (a, b) if x in self.tokcov)).shape[0]
+        sizes = {self.tokcov[x].shape[0] for x in (a, b) if x in self.tokcov}
+        if len(sizes) != 1:  # two different sequences (or none carried): keep corr alone
+            return None
+        size = sizes.pop()
         out = node.meta.get("val")
         rows_out = list(out.shape[:-1]) if isinstance(out, torch.Tensor) else []
 
