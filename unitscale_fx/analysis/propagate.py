@@ -410,17 +410,19 @@ class GraphAnalysis:
             self.tokcov[node] = k
 
     @staticmethod
-    def _param_like(n: fx.Node) -> bool:
-        """A parameter, possibly behind views, casts and backward-only scales."""
+    def _behind_views(n: fx.Node) -> fx.Node:
+        """``n`` with the views, casts and backward-only scales above it walked through."""
         for _ in range(8):
-            if n.op == "get_attr":
-                return True
             rule = lookup(n.target) if n.op == "call_function" else None
             if rule is None or not (rule.kind == "view" or rule.name in ("cast", "grad_scale")) or not n.args \
                     or not isinstance(n.args[0], fx.Node):
-                return False
+                return n
             n = n.args[0]
-        return False
+        return n
+
+    def _param_like(self, n: fx.Node) -> bool:
+        """A parameter, possibly behind views, casts and backward-only scales."""
+        return self._behind_views(n).op == "get_attr"
 
     def _numbers(self, s: Stat) -> tuple[float, float, float] | None:
         vals = [self.value_of(x) for x in (s.rms ** 2, s.corr, s.mean)]
@@ -500,15 +502,10 @@ class GraphAnalysis:
             if x in self.tokcov and (shared(y) or not self.requires_grad(y) and y not in self.tokcov):
                 return self.tokcov[x]  # times a gain, or a constant (RoPE tables: approximately)
             if x in self.tokcov and per_token(y):
-                # a normalisation (rsqrt / reciprocal of a mean square): each position to unit variance
-                src = y
-                for _ in range(8):  # through backward-only scales, casts and views
-                    r = lookup(src.target) if src.op == "call_function" else None
-                    if r is None or not (r.kind == "view" or r.name in ("cast", "grad_scale")) or not src.args \
-                            or not isinstance(src.args[0], fx.Node):
-                        break
-                    src = src.args[0]
-                is_norm = getattr(src.target, "__name__", "").startswith(("rsqrt", "reciprocal"))
+                # a normalisation (times rsqrt / reciprocal, or over sqrt, of a mean square): each
+                # position to unit variance; another per-token factor is taken to keep the structure
+                names = ("sqrt",) if kind == "div" else ("rsqrt", "reciprocal")
+                is_norm = getattr(self._behind_views(y).target, "__name__", "").startswith(names)
                 return cs.normalize_rows(self.tokcov[x]) if is_norm else self.tokcov[x]
         ka, kb = self._tokcov_of(a, size), self._tokcov_of(b, size)
         if ka is None or kb is None or kind == "div":
