@@ -45,7 +45,7 @@ def normalize_mean_diag(k: torch.Tensor) -> torch.Tensor:
 def normalize_rows(k: torch.Tensor) -> torch.Tensor:
     """Each position scaled to unit variance (a per-token normalisation: LayerNorm, RMSNorm)."""
     d = torch.diagonal(k).clamp_min(1e-300).sqrt()
-    return k / d.unsqueeze(0) / d.unsqueeze(1)
+    return (k / d.unsqueeze(0)).div_(d.unsqueeze(1))
 
 
 def corr_of(k: torch.Tensor) -> float:
@@ -68,29 +68,24 @@ def with_average_corr(k: torch.Tensor, c: float) -> torch.Tensor:
     return out
 
 
-def _prefix_sums(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum_{j, j' <= i} K[j, j'], sum_{j <= i} K[j, j])`` for every ``i``."""
-    c2 = torch.cumsum(torch.cumsum(k, 0), 1)
-    return torch.diagonal(c2), torch.cumsum(torch.diagonal(k), 0)
-
-
 def causal_output(k: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """Covariance of ``out_i = sum_{j <= i} p_ij x_j`` for exchangeable weights with ``E sum_j p_ij^2 = f[i]``.
 
     Position ``i`` averages ``n = i + 1`` keys: ``E|out_i|^2 = f_i dbar_i + (1 - f_i) obar_i`` (diagonal and
-    off-diagonal means of ``K`` over its keys); two positions: the running means' covariance ``M K M^T``.
-    Normalised to mean diagonal 1.
+    off-diagonal means of ``K`` over its keys); two positions: the running means' covariance ``M K M^T``,
+    i.e. ``C[i, j] / (n_i n_j)`` with ``C`` the two-dimensional prefix sum of ``K``. Normalised to mean
+    diagonal 1.
     """
     s = k.shape[0]
     n = torch.arange(1, s + 1, dtype=k.dtype)
     f = f.to(k.dtype)
-    tot, dia = _prefix_sums(k)
+    out = torch.cumsum(k, 0).cumsum_(1)  # C[i, j] = sum_{i' <= i, j' <= j} K[i', j']
+    tot = torch.diagonal(out).clone()  # sum over the first i + 1 positions, pairs included
+    dia = torch.cumsum(torch.diagonal(k), 0)
     dbar = dia / n
     obar = torch.where(n > 1, (tot - dia) / (n * (n - 1)).clamp_min(1.0), torch.zeros_like(n))
-    diag = f * dbar + (1 - f) * obar
-    m = torch.cumsum(k, 0) / n.unsqueeze(1)
-    out = torch.cumsum(m, 1) / n.unsqueeze(0)
-    out.diagonal().copy_(diag)
+    out.div_(n.unsqueeze(1)).div_(n.unsqueeze(0))
+    out.diagonal().copy_(f * dbar + (1 - f) * obar)
     return out
 
 

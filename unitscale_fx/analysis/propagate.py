@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import MissingRuleError, UnitScaleError, describe_node, source_line
 from . import rules as _rules  # noqa: F401  (registers the rules)
-from .context import RuleContext, is_float_node, normalized_kwargs
+from .context import RuleContext, is_float_node, normalized_kwargs, sym
 from .evaluate import Evaluator
 from .record import META_KEY, ScaleRecord, Stat, evaluate
 from .registry import Unsupported as _Unsupported, lookup
@@ -100,6 +100,12 @@ class GraphAnalysis:
     #: matrix, analysis/causal_structure.py); absent where only the exchangeable ``corr`` is known.
     #: Needed while the forward analysis runs only: dropped at its end
     tokcov: dict = field(default_factory=dict, repr=False)
+    #: per node: the diagonal of its token covariance (its forward position profile, mean 1; float64
+    #: ``[S]``, analysis/position_profile.py), kept after the forward analysis for the backward one
+    tokdiag: dict = field(default_factory=dict, repr=False)
+    #: per node: the position profile of the gradient at its output (set by the backward analysis;
+    #: absent: flat)
+    gradprof: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ helpers for rules
     def fwd_of(self, node: fx.Node) -> Stat | None:
@@ -300,6 +306,7 @@ class GraphAnalysis:
             self.visit(node)
             if after is not None and node.op == "call_function":
                 after(node)
+        self._keep_token_diagonals()
         self.tokcov.clear()  # S x S matrices, only the forward propagation reads them
         if self.strict and self.missing:
             raise MissingRuleError(self.missing_message(), [(m.node, m.op, m.source) for m in self.missing])
@@ -382,7 +389,14 @@ class GraphAnalysis:
         """
         from . import causal_structure as cs
 
-        if node in self.tokcov or not any(a in self.tokcov for a in node.all_input_nodes):
+        if node in self.tokcov:
+            return
+        if node.target is torch.ops.aten.cat.default:  # pieces along the tokens (a CLS token and patches)
+            k = self._tokcov_cat(node)
+            if k is not None:
+                self.tokcov[node] = k
+                return
+        if not any(a in self.tokcov for a in node.all_input_nodes):
             return
         first = node.args[0] if node.args else None
         if not isinstance(st, Stat):  # split / unbind / chunk: the pieces are read through getitem
@@ -449,10 +463,19 @@ class GraphAnalysis:
         rho_out = (no[1] - m_out) / (1 - m_out) if m_out < 1 else 0.0
         if rho_in <= 1e-9:
             return None
-        cov = (k - m_in) / (1 - m_in)  # the covariance part, mean diagonal 1
-        off = cov * (max(rho_out, 0.0) / rho_in)
-        off.diagonal().copy_(torch.diagonal(cov))
-        return cs.normalize_mean_diag(m_out + (1 - m_out) * off)
+        # the covariance part (k - m_in) / (1 - m_in) (mean diagonal 1), its off-diagonal scaled by
+        # rho_out / rho_in, plus the output's mean part m_out; then mean diagonal 1. All affine in k:
+        # off-diagonal a k + b, diagonal a_d k + b_d, written once (S x S matrices: no temporaries)
+        a_d = (1 - m_out) / (1 - m_in)
+        a = a_d * max(rho_out, 0.0) / rho_in
+        b, b_d = m_out - a * m_in, m_out - a_d * m_in
+        diag = torch.diagonal(k)
+        d = a_d * float(diag.mean()) + b_d
+        if d <= 0:
+            d = 1.0
+        out = k.mul(a / d).add_(b / d)
+        out.diagonal().copy_(diag * (a_d / d) + b_d / d)
+        return out
 
     def _tokcov_binary(self, node: fx.Node, kind: str) -> Any:
         from . import causal_structure as cs
@@ -511,6 +534,178 @@ class GraphAnalysis:
         if ka is None or kb is None or kind == "div":
             return None
         return cs.normalize_mean_diag(ka * kb)
+
+    def _tokcov_cat(self, node: fx.Node) -> Any:
+        """The token covariance of a concatenation along the tokens: each piece's own (its carried one,
+        or the exchangeable one of its ``corr``) times its mean square on the diagonal blocks; pieces
+        are independent, so two positions of different pieces share only their means. None where the
+        concatenation is not along the tokens (e.g. RoPE's halves, along the features)."""
+        from . import causal_structure as cs
+
+        val = node.meta.get("val")
+        tensors = node.args[0] if node.args else None
+        if not isinstance(val, torch.Tensor) or val.dim() < 3 or not isinstance(tensors, (list, tuple)) \
+                or len(tensors) < 2:
+            return None
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % val.dim()
+        if dim in (0, val.dim() - 1):
+            return None
+        blocks = []
+        for a in tensors:
+            av = a.meta.get("val") if isinstance(a, fx.Node) else None
+            st = self.fwd_of(a) if isinstance(a, fx.Node) else None
+            num = self._numbers(st) if st is not None else None
+            n = self.value_of(sym(av.shape[dim])) if isinstance(av, torch.Tensor) else None
+            if num is None or n is None or n < 1:
+                return None
+            blocks.append((int(n), num, self.tokcov.get(a)))
+        total = sum(b[0] for b in blocks)
+        if not 2 <= total <= cs.MAX_LEN:
+            return None
+        means = torch.cat([torch.full((n,), float(m), dtype=cs.DTYPE) for n, (_, _, m), _ in blocks])
+        k = torch.outer(means, means)
+        at = 0
+        for n, (ms, c, _), kc in blocks:
+            own = kc if kc is not None and kc.shape[0] == n else cs.exchangeable(min(max(c, 0.0), 1.0), n)
+            k[at : at + n, at : at + n] = own * ms
+            at += n
+        return cs.normalize_mean_diag(k)
+
+    # ------------------------------------------------------------------ position profiles
+    def _keep_token_diagonals(self) -> None:
+        """``tokdiag`` from ``tokcov`` (the matrices are dropped, their diagonals kept)."""
+        from . import position_profile as pp
+
+        memo: dict[int, Any] = {}
+        self.tokdiag = {}
+        for n, k in self.tokcov.items():
+            if id(k) not in memo:
+                memo[id(k)] = pp.normalized(torch.diagonal(k).to(pp.DTYPE))
+            if memo[id(k)] is not None:
+                self.tokdiag[n] = memo[id(k)]
+
+    def norm_profile_factor(self, node: fx.Node, x: Any) -> sympy.Expr:
+        """What a per-position normalisation's backward gains over ``g / sigma`` from the position
+        profiles of its gradient and its input (analysis/position_profile.py): 1 when both are flat."""
+        from . import position_profile as pp
+
+        k = self.tokdiag.get(x) if isinstance(x, fx.Node) else None
+        f, _ = pp.norm_backward(self.gradprof.get(node), k)
+        return sympy.Integer(1) if abs(f - 1.0) < 1e-9 else sympy.Float(f, 8)
+
+    def _hint_dims(self, node: fx.Node) -> list[int | None]:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return []
+        out = []
+        for d in val.shape:
+            v = d if isinstance(d, int) else self.value_of(sym(d))
+            out.append(int(v) if v is not None else None)
+        return out
+
+    def _int_hint(self, v: Any) -> int | None:
+        """An int argument's value at the hints (a literal, a SymInt, or a node computing one)."""
+        if v is None or isinstance(v, bool):
+            return None
+        if isinstance(v, fx.Node):
+            v = v.meta.get("val")
+        if isinstance(v, int):
+            return v
+        if isinstance(v, torch.SymInt):
+            h = self.value_of(sym(v))
+            return int(h) if h is not None else None
+        return None
+
+    def _token_dim(self, x: fx.Node, dim: Any) -> int | None:
+        """``dim`` normalised when it is a token dim of ``x`` (neither the batch nor the features)."""
+        val = x.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() < 3 or not isinstance(dim, int):
+            return None
+        dim %= val.dim()
+        return dim if dim not in (0, val.dim() - 1) else None
+
+    def _route_profile(self, node: fx.Node, rule: Any, a: Any, prof: Any) -> Any:
+        """The position profile of the gradient ``node``'s backward sends to its input ``a``."""
+        from . import position_profile as pp
+
+        aten = torch.ops.aten
+        t = node.target
+        x = node.args[0] if node.args else None
+        if t is aten.select.int and a is x:
+            dim = self._token_dim(x, node.args[1])
+            if dim is not None:
+                n, idx = self._hint_dims(x)[dim], self._int_hint(node.args[2] if len(node.args) > 2 else None)
+                if n is None or idx is None or not -n <= idx < n:
+                    return None
+                return pp.concentrated(n, idx % n)
+        elif t is aten.slice.Tensor and a is x:
+            dim = self._token_dim(x, node.args[1] if len(node.args) > 1 else 0)
+            if dim is not None:
+                n = self._hint_dims(x)[dim]
+                bounds = [node.args[i] if len(node.args) > i else dflt for i, dflt in ((2, None), (3, None), (4, 1))]
+                vals = [self._int_hint(b) for b in bounds]
+                if n is None or any(v is None for v, b in zip(vals, bounds) if b is not None):
+                    return None
+                start, end, step = (None if v is None else int(v) for v in vals)
+                if len(range(n)[start:end:step]) == n:
+                    return prof
+                return pp.sliced(n, start, end, step or 1, prof)
+        elif t is aten.cat.default:
+            return None  # (routed piece by piece: _route_cat)
+        if prof is None or not isinstance(a, fx.Node):
+            return None
+        kind, name = rule.kind, rule.name
+        if kind == "norm":
+            if a is not x:
+                return None
+            return pp.norm_backward(prof, self.tokdiag.get(x))[1]
+        if kind == "attention":
+            return prof if a is x else None  # query: per query position; keys and values gather from all
+        if kind == "matmul":
+            others = [o for o in node.all_input_nodes if o is not a]
+            if not (others and all(self._param_like(o) or not self.requires_grad(o) for o in others)):
+                return None
+        elif not (kind in ("view", "scale", "dropout", "pointwise") or name in ("add", "sub", "mul", "div", "cast",
+                                                                              "grad_scale")):
+            return None
+        if kind == "view" and name == "expand":
+            return None
+        return prof if prof.numel() in self._hint_dims(a) else None
+
+    def cat_energy_shares(self, node: fx.Node) -> list[float] | None:
+        """For a concatenation along the tokens whose gradient has a position profile: each piece's
+        mean square over the whole gradient's (the profile's mean over the piece's positions)."""
+        prof = self.gradprof.get(node)
+        val = node.meta.get("val")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if prof is None or not isinstance(val, torch.Tensor) or not isinstance(dim, int) \
+                or self._token_dim(node, dim) is None:
+            return None
+        dim %= val.dim()
+        lengths = [self._hint_dims(t)[dim] if isinstance(t, fx.Node) else None for t in node.args[0]]
+        if any(n is None for n in lengths) or sum(lengths) != prof.numel():
+            return None
+        out, at = [], 0
+        for n in lengths:
+            out.append(float(prof[at : at + n].mean()) if n else 1.0)
+            at += n
+        return out
+
+    def _route_cat(self, node: fx.Node, prof: Any) -> list:
+        from . import position_profile as pp
+
+        tensors = node.args[0]
+        val = node.meta.get("val")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if prof is None or not isinstance(val, torch.Tensor) or not isinstance(dim, int):
+            return [None] * len(tensors)
+        if self._token_dim(node, dim) is None:  # along another dim: every piece sees every position
+            return [prof if isinstance(t, fx.Node) and prof.numel() in self._hint_dims(t) else None for t in tensors]
+        dim %= val.dim()
+        lengths = [self._hint_dims(t)[dim] if isinstance(t, fx.Node) else None for t in tensors]
+        if any(n is None for n in lengths):
+            return [None] * len(tensors)
+        return pp.pieces(prof, lengths)
 
     def _missing(self, node: fx.Node, rec: ScaleRecord, reason: str = "") -> None:
         rec.missing = True
@@ -575,14 +770,23 @@ class GraphAnalysis:
                 rec.bwd = None
             node.meta.pop("_us_bwd_multi", None)
         pending: dict[tuple[fx.Node, int | None], list[Stat]] = {}
+        # the position profile of each pending contribution (analysis/position_profile.py), None: flat
+        profiles: dict[tuple[fx.Node, int | None], list[Any]] = {}
+        self.gradprof = {}
+
+        def push(key: tuple[fx.Node, int | None], st: Stat, prof: Any = None) -> None:
+            pending.setdefault(key, []).append(st)
+            profiles.setdefault(key, []).append(prof)
+
         if seeds is None:
             seeds = self.default_seeds()
         for n, s in seeds.items():
-            pending.setdefault((n, None), []).append(s)
+            push((n, None), s)
         for node in reversed(nodes):
             rec: ScaleRecord | None = node.meta.get(META_KEY)
             if rec is None or not self.requires_grad(node):
                 continue
+            prof = None
             if isinstance(rec.fwd, tuple):
                 grads = tuple(self.tame(_combine(pending.get((node, i), []))) for i in range(len(rec.fwd)))
                 if all(g is None for g in grads):
@@ -597,12 +801,15 @@ class GraphAnalysis:
                     continue
                 rec.bwd = g
                 grad_in = g
+                prof = self._mix_profiles(pending.get((node, None), []), profiles.get((node, None), []))
+                if prof is not None:
+                    self.gradprof[node] = prof
             if node.op != "call_function" or rec.rule is None:
                 continue
             if node.target is operator.getitem:
                 parent, idx = node.args[0], node.args[1]
                 if isinstance(parent, fx.Node) and isinstance(grad_in, Stat):
-                    pending.setdefault((parent, idx), []).append(grad_in)
+                    push((parent, idx), grad_in)
                 continue
             rule = lookup(node.target)
             if rule is None:
@@ -623,12 +830,22 @@ class GraphAnalysis:
                 st = self.tame(st)
                 a = key if isinstance(key, fx.Node) else ctx.arg(key)
                 if isinstance(a, (list, tuple)):
-                    for ai, si in zip(a, st):
+                    profs = self._route_cat(node, prof) if node.target is torch.ops.aten.cat.default \
+                        else [None] * len(a)
+                    for ai, si, pi in zip(a, st, profs):
                         if isinstance(ai, fx.Node) and si is not None and self.requires_grad(ai):
-                            pending.setdefault((ai, None), []).append(si)
+                            push((ai, None), si, pi)
                 elif isinstance(a, fx.Node) and st is not None and self.requires_grad(a):
-                    pending.setdefault((a, None), []).append(st)
+                    push((a, None), st, self._route_profile(node, rule, a, prof))
         return self
+
+    def _mix_profiles(self, stats: list[Stat], profs: list[Any]) -> Any:
+        """The position profile of a gradient summed from ``stats`` (each with its profile)."""
+        if all(p is None for p in profs):
+            return None
+        from . import position_profile as pp
+
+        return pp.mix([(self.value_of(s.rms**2) if s is not None else 0.0, p) for s, p in zip(stats, profs)])
 
     def loss_nodes(self) -> list[fx.Node]:
         """Scalar floating outputs that carry a gradient (the loss), in output order."""

@@ -223,7 +223,11 @@ def _cat_fwd(ctx: RuleContext) -> Stat:
 
 
 def _cat_bwd(ctx: RuleContext, g: Stat) -> dict:
-    return {"tensors": [g for _ in ctx.arg("tensors")]}
+    # each piece gets its positions' share of the gradient's energy (position_profile.py; flat: g)
+    shares = ctx.analysis.cat_energy_shares(ctx.node)
+    if shares is None:
+        return {"tensors": [g for _ in ctx.arg("tensors")]}
+    return {"tensors": [Stat(g.rms * sympy.Float(math.sqrt(f), 8), g.corr) if f != 1.0 else g for f in shares]}
 
 
 register(aten.cat, aten.stack, aten.concat, name="cat", kind="view", backward=_cat_bwd)(_cat_fwd)
@@ -916,7 +920,8 @@ def _layer_norm_bwd(ctx: RuleContext, g: Stat) -> dict:
     mean = sx.mean
     std = sympy.sqrt(_var(sx)) if mean != 0 else sx.rms
     tokens = ctx.tokens("input", feature_dims=len(ctx.arg("normalized_shape") or [1]))
-    out = {"input": Stat(g.rms * w / std, g.corr)}
+    f = ctx.analysis.norm_profile_factor(ctx.node, ctx.arg("input"))  # unequal positions (position_profile.py)
+    out = {"input": Stat(g.rms * w / std * f, g.corr)}
     out.update(_norm_param_grads(ctx, g, sx, tokens))
     return out
 
@@ -951,7 +956,8 @@ def _rms_norm_bwd(ctx: RuleContext, g: Stat) -> dict:
     sw = ctx.stat("weight")
     w = sw.rms if sw is not None else ONE
     tokens = ctx.tokens("input", feature_dims=len(ctx.arg("normalized_shape") or [1]))
-    out = {"input": Stat(g.rms * w / sx.rms, g.corr)}
+    f = ctx.analysis.norm_profile_factor(ctx.node, ctx.arg("input"))
+    out = {"input": Stat(g.rms * w / sx.rms * f, g.corr)}
     out.update(_norm_param_grads(ctx, g, sx, tokens))
     return out
 
