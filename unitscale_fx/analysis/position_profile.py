@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["normalized", "concentrated", "sliced", "pieces", "mix", "norm_backward"]
+__all__ = ["normalized", "concentrated", "sliced", "pieces", "mix", "norm_backward", "causal_attention"]
 
 DTYPE = torch.float64
 
@@ -104,3 +104,25 @@ def norm_backward(p: torch.Tensor | None, k: torch.Tensor | None) -> tuple[float
     if not (f > 0 and math.isfinite(f)):
         return 1.0, p
     return math.sqrt(f), pk / f
+
+
+def causal_attention(f: torch.Tensor, e: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The profiles of a causal attention's query, key and value gradients.
+
+    ``f_i = E sum_j p_ij^2`` over the ``i + 1`` keys of query ``i`` (exchangeable weights), ``e`` the output
+    gradient's profile (None: flat). ``E|dq_i|^2 ~ f_i (1 - f_i) e_i`` (0 at the first position: a softmax
+    over one key is constant); ``E|dv_j|^2 ~ sum_{i >= j} f_i / (i + 1) e_i`` and
+    ``E|dk_j|^2 ~ sum_{i >= j} f_i (1 - f_i) / (i + 1) e_i``: the first keys are read by every query.
+    """
+    n = f.numel()
+    f = f.to(DTYPE)
+    e = e.to(DTYPE) if e is not None and e.numel() == n else torch.ones(n, dtype=DTYPE)
+    keys = torch.arange(1, n + 1, dtype=DTYPE)
+
+    def suffix_sum(x: torch.Tensor) -> torch.Tensor:
+        return torch.flip(torch.cumsum(torch.flip(x, [0]), 0), [0])
+
+    q = normalized(f * (1 - f) * e)
+    k = normalized(suffix_sum(f * (1 - f) / keys * e))
+    v = normalized(suffix_sum(f / keys * e))
+    return q, k, v

@@ -106,6 +106,9 @@ class GraphAnalysis:
     #: per node: the position profile of the gradient at its output (set by the backward analysis;
     #: absent: flat)
     gradprof: dict = field(default_factory=dict, repr=False)
+    #: per causal attention node: ``E sum_j p_ij^2`` at each query position (float64 ``[S]``, set by its
+    #: forward rule), which decides where along the sequence its input gradients sit
+    attn_f: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ helpers for rules
     def fwd_of(self, node: fx.Node) -> Stat | None:
@@ -652,15 +655,15 @@ class GraphAnalysis:
                 return pp.sliced(n, start, end, step or 1, prof)
         elif t is aten.cat.default:
             return None  # (routed piece by piece: _route_cat)
+        kind, name = rule.kind, rule.name
+        if kind == "attention" and isinstance(a, fx.Node):
+            return self._attention_profile(node, a, prof)
         if prof is None or not isinstance(a, fx.Node):
             return None
-        kind, name = rule.kind, rule.name
         if kind == "norm":
             if a is not x:
                 return None
             return pp.norm_backward(prof, self.tokdiag.get(x))[1]
-        if kind == "attention":
-            return prof if a is x else None  # query: per query position; keys and values gather from all
         if kind == "matmul":
             others = [o for o in node.all_input_nodes if o is not a]
             if not (others and all(self._param_like(o) or not self.requires_grad(o) for o in others)):
@@ -668,9 +671,60 @@ class GraphAnalysis:
         elif not (kind in ("view", "scale", "dropout", "pointwise") or name in ("add", "sub", "mul", "div", "cast",
                                                                               "grad_scale")):
             return None
-        if kind == "view" and name == "expand":
-            return None
+        if name == "mul":
+            other = [o for o in node.args[:2] if isinstance(o, fx.Node) and o is not a]
+            table = self._position_table(other[0], prof.numel()) if len(other) == 1 else None
+            if table is not None:  # times a constant that differs by position (RoPE's sin / cos)
+                return pp.normalized(prof * table)
         return prof if prof.numel() in self._hint_dims(a) else None
+
+    def _attention_profile(self, node: fx.Node, a: fx.Node, prof: Any) -> Any:
+        """Where a causal attention's query / key / value gradients sit along the sequence.
+
+        With ``f_i = E sum_j p_ij^2`` over the ``i + 1`` keys of query ``i`` (exchangeable weights),
+        ``E|dq_i|^2 ~ f_i (1 - f_i) e_i`` (``e`` the output gradient's profile; 0 at the first
+        position, whose softmax over one key is constant), ``E|dv_j|^2 ~ sum_{i >= j} f_i / (i + 1) e_i``
+        and ``E|dk_j|^2 ~ sum_{i >= j} f_i (1 - f_i) / (i + 1) e_i``: the first keys are read by every
+        query. Non-causal attention (or one without the forward's ``f``): the query keeps the output's
+        profile, keys and values are flat."""
+        from . import position_profile as pp
+
+        args = list(node.args[:3])
+        f = self.attn_f.get(node)
+        if f is None:
+            return prof if args and a is args[0] else None
+        if a not in args:
+            return None
+        return pp.causal_attention(f, prof)[args.index(a)]
+
+    def _position_table(self, other: fx.Node, length: int) -> Any:
+        """A constant operand's mean square per position (mean 1; positions along dim -2), when it
+        differs by position; None for parameters, activations, or a table the same at every position."""
+        from . import position_profile as pp
+
+        if self.requires_grad(other):
+            return None
+        t = self.const_value(other)
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[-2] != length or length < 2:
+            return None
+        dims = [d for d in range(t.dim()) if d != t.dim() - 2]
+        s = pp.normalized(t.detach().to(pp.DTYPE).pow(2).mean(dim=dims))
+        if s is None or float((s - 1).abs().max()) < 1e-6:
+            return None
+        return s
+
+    def table_profile_factor(self, node: fx.Node, other: Any) -> sympy.Expr:
+        """The gradient of ``x * table`` (``table`` a constant that differs by position, e.g. RoPE's)
+        when the gradient at the product sits on some positions: ``sqrt(mean_i p_i s_i)`` times the
+        independent estimate ``g * rms(table)``, ``s`` the table's mean square per position."""
+        prof = self.gradprof.get(node)
+        if prof is None or not isinstance(other, fx.Node):
+            return sympy.Integer(1)
+        table = self._position_table(other, prof.numel())
+        if table is None:
+            return sympy.Integer(1)
+        f = math.sqrt(max(float((prof * table).mean()), 0.0))
+        return sympy.Integer(1) if abs(f - 1.0) < 1e-9 else sympy.Float(f, 8)
 
     def cat_energy_shares(self, node: fx.Node) -> list[float] | None:
         """For a concatenation along the tokens whose gradient has a position profile: each piece's
@@ -795,6 +849,7 @@ class GraphAnalysis:
                 grad_in: Any = grads
                 rec.note = rec.note
                 node.meta["_us_bwd_multi"] = grads
+                prof = self._multi_output_profile(node, grads, pending, profiles)
             else:
                 g = self.tame(_combine(pending.get((node, None), [])))
                 if g is None:
@@ -809,7 +864,7 @@ class GraphAnalysis:
             if node.target is operator.getitem:
                 parent, idx = node.args[0], node.args[1]
                 if isinstance(parent, fx.Node) and isinstance(grad_in, Stat):
-                    push((parent, idx), grad_in)
+                    push((parent, idx), grad_in, prof)
                 continue
             rule = lookup(node.target)
             if rule is None:
@@ -838,6 +893,32 @@ class GraphAnalysis:
                 elif isinstance(a, fx.Node) and st is not None and self.requires_grad(a):
                     push((a, None), st, self._route_profile(node, rule, a, prof))
         return self
+
+    def _multi_output_profile(self, node: fx.Node, grads: tuple, pending: dict, profiles: dict) -> Any:
+        """The profile of the gradient into a split / chunk / unbind along the features or heads (q, k, v
+        out of one projection): its outputs' profiles mixed by energy. None for a split along the tokens
+        and for other multi-output ops."""
+        from . import position_profile as pp
+
+        aten = torch.ops.aten
+        splits = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unsafe_split.Tensor)
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        if node.target in splits:
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        elif node.target is aten.unbind.int:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        else:
+            return None
+        if not isinstance(dim, int) or self._token_dim(node.args[0], dim) is not None:
+            return None
+        parts = []
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            p = self._mix_profiles(pending.get((node, i), []), profiles.get((node, i), []))
+            parts.append((self.value_of(g.rms**2), p))
+        return pp.mix(parts)
 
     def _mix_profiles(self, stats: list[Stat], profs: list[Any]) -> Any:
         """The position profile of a gradient summed from ``stats`` (each with its profile)."""

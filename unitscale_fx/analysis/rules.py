@@ -544,10 +544,12 @@ def _binary_bwd(kind: str):
             if isinstance(b, fx.Node):
                 out[b_name] = bcast(b_name, Stat(g.rms * sympy.Abs(alpha), g.corr))
         elif kind == "mul":
+            # (a constant that differs by position meets a gradient that does: position_profile.py)
+            tf = ctx.analysis.table_profile_factor
             if isinstance(a, fx.Node) and sb is not None:
-                out[a_name] = bcast(a_name, Stat(g.rms * sb.rms, g.corr), sb)
+                out[a_name] = bcast(a_name, Stat(g.rms * sb.rms * tf(ctx.node, b), g.corr), sb)
             if isinstance(b, fx.Node) and sa is not None:
-                out[b_name] = bcast(b_name, Stat(g.rms * sa.rms, g.corr), sa)
+                out[b_name] = bcast(b_name, Stat(g.rms * sa.rms * tf(ctx.node, a), g.corr), sa)
         elif kind == "div":
             if isinstance(b, fx.Node):
                 rinv, _, _, _, _ = _moments(ctx, torch.reciprocal, _require(sb))
@@ -1512,6 +1514,7 @@ def _causal_position_structure(ctx: RuleContext, v: Stat, st: Any, sq: Any) -> t
         k_v = cs.exchangeable(cv, n)
     else:  # the Stat's average correlation stands; the carried covariance adds its shape
         k_v = cs.with_average_corr(k_v, cv)
+    an.attn_f[ctx.node] = f  # where along the sequence its input gradients sit (propagate._attention_profile)
     d_ms, d_corr, k_out = cs.structure_correction(k_v, cv, f)
     an.tokcov[ctx.node] = k_out
     ms = (out_rms / v_rms) ** 2
