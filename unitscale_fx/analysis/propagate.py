@@ -726,18 +726,22 @@ class GraphAnalysis:
         f = math.sqrt(max(float((prof * table).mean()), 0.0))
         return sympy.Integer(1) if abs(f - 1.0) < 1e-9 else sympy.Float(f, 8)
 
+    def _cat_token_lengths(self, node: fx.Node) -> list[int] | None:
+        """The pieces' lengths at the hints for a concatenation along a token dim; None otherwise."""
+        val = node.meta.get("val")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(val, torch.Tensor) or not isinstance(dim, int) or self._token_dim(node, dim) is None:
+            return None
+        dim %= val.dim()
+        lengths = [self._hint_dims(t)[dim] if isinstance(t, fx.Node) else None for t in node.args[0]]
+        return None if any(n is None for n in lengths) else lengths
+
     def cat_energy_shares(self, node: fx.Node) -> list[float] | None:
         """For a concatenation along the tokens whose gradient has a position profile: each piece's
         mean square over the whole gradient's (the profile's mean over the piece's positions)."""
         prof = self.gradprof.get(node)
-        val = node.meta.get("val")
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        if prof is None or not isinstance(val, torch.Tensor) or not isinstance(dim, int) \
-                or self._token_dim(node, dim) is None:
-            return None
-        dim %= val.dim()
-        lengths = [self._hint_dims(t)[dim] if isinstance(t, fx.Node) else None for t in node.args[0]]
-        if any(n is None for n in lengths) or sum(lengths) != prof.numel():
+        lengths = self._cat_token_lengths(node) if prof is not None else None
+        if lengths is None or sum(lengths) != prof.numel():
             return None
         out, at = [], 0
         for n in lengths:
@@ -746,20 +750,17 @@ class GraphAnalysis:
         return out
 
     def _route_cat(self, node: fx.Node, prof: Any) -> list:
+        """The profiles of the gradients a concatenation sends to its pieces: split along the tokens, or
+        the whole profile for each piece when it concatenates along another dim."""
         from . import position_profile as pp
 
         tensors = node.args[0]
-        val = node.meta.get("val")
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        if prof is None or not isinstance(val, torch.Tensor) or not isinstance(dim, int):
+        if prof is None:
             return [None] * len(tensors)
-        if self._token_dim(node, dim) is None:  # along another dim: every piece sees every position
-            return [prof if isinstance(t, fx.Node) and prof.numel() in self._hint_dims(t) else None for t in tensors]
-        dim %= val.dim()
-        lengths = [self._hint_dims(t)[dim] if isinstance(t, fx.Node) else None for t in tensors]
-        if any(n is None for n in lengths):
-            return [None] * len(tensors)
-        return pp.pieces(prof, lengths)
+        lengths = self._cat_token_lengths(node)
+        if lengths is not None:
+            return pp.pieces(prof, lengths)
+        return [prof if isinstance(t, fx.Node) and prof.numel() in self._hint_dims(t) else None for t in tensors]
 
     def _missing(self, node: fx.Node, rec: ScaleRecord, reason: str = "") -> None:
         rec.missing = True
