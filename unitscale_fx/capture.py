@@ -131,6 +131,102 @@ def _tag_checkpoint_regions():
         tuc.CheckpointFunction = orig_reentrant
 
 
+# ---- SDPA with dropout, opaque while tracing --------------------------------------------------------
+# With dropout (a training-mode capture of most HF models), ``aten.scaled_dot_product_attention`` takes
+# its math path, and FakeTensorMode computes the output by running that decomposition on fake tensors
+# with symbolic shapes: matmuls, softmax, dropout, reshapes, each with dozens of SymInt operations
+# (GPT-2-small, 12 calls: 0.7-1.2 s of a 2.9-3.4 s export in a fresh process). While capturing, such a
+# call traces as the opaque op below instead, whose fake kernel gives the math path's output (the query's
+# shape with the value's last dim, contiguous, the query's dtype); right after the export each one is
+# replaced by the ``aten.scaled_dot_product_attention`` node export would have recorded (same arguments,
+# name and metadata; tests/test_capture.py compares the graphs). Without dropout the CPU kernel may be
+# the flash one, whose output has another layout and whose fake kernel is cheap anyway: left alone.
+@torch.library.custom_op("unitscale_fx::captured_sdpa", mutates_args=())
+def _captured_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                   dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                   enable_gqa: bool = False) -> torch.Tensor:
+    """Only traced (see above); run eagerly it is plain SDPA."""
+    return torch.ops.aten.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                                       enable_gqa=enable_gqa)
+
+
+@_captured_sdpa.register_fake
+def _captured_sdpa_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    # the shape relations the math path's matmuls impose (export turns them into the same guards: a
+    # decoder's batch is the encoder's in cross-attention), then its output
+    lead = query.shape[:-3] if enable_gqa else query.shape[:-2]
+    kv_lead = key.shape[:-3] if enable_gqa else key.shape[:-2]
+    batch = torch.broadcast_shapes(lead, kv_lead, value.shape[: len(kv_lead)])
+    torch._check(query.shape[-1] == key.shape[-1])
+    torch._check(key.shape[-2] == value.shape[-2])
+    heads = (query.shape[-3],) if enable_gqa else ()
+    if attn_mask is not None:
+        torch.broadcast_shapes(attn_mask.shape, (*batch, *heads, query.shape[-2], key.shape[-2]))
+    return query.new_empty((*batch, *heads, query.shape[-2], value.shape[-1]))
+
+
+_SDPA_DEFAULTS = (None, 0.0, False)  # attn_mask, dropout_p, is_causal: what export leaves out at the end
+
+
+@contextlib.contextmanager
+def _opaque_sdpa():
+    """While exporting, ``F.scaled_dot_product_attention`` with dropout and plain Python options traces
+    as ``unitscale_fx::captured_sdpa``; anything else (or outside a trace, e.g. another thread) is the
+    original function."""
+    import torch.nn.functional as F
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    orig = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        plain = (isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and dropout_p > 0
+                 and isinstance(is_causal, bool) and isinstance(enable_gqa, bool)
+                 and (scale is None or isinstance(scale, (int, float)))
+                 and (attn_mask is None or isinstance(attn_mask, torch.Tensor))
+                 and all(isinstance(t, torch.Tensor) for t in (query, key, value)))
+        if not plain or get_proxy_mode() is None:
+            return orig(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        enable_gqa=enable_gqa)
+        return torch.ops.unitscale_fx.captured_sdpa(query, key, value, attn_mask, float(dropout_p), is_causal,
+                                                    None if scale is None else float(scale), enable_gqa)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = orig
+
+
+def _restore_sdpa(gm: fx.GraphModule) -> None:
+    """Each ``unitscale_fx::captured_sdpa`` node becomes the ``aten.scaled_dot_product_attention`` node
+    export would have recorded: the same arguments (trailing defaults left out; ``scale`` / ``enable_gqa``
+    as keywords when set), a name of its own, the old node's metadata (value, stack trace, module stack,
+    checkpoint tag)."""
+    from torch.fx.operator_schemas import normalize_function
+
+    target = torch.ops.unitscale_fx.captured_sdpa.default
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not target:
+            continue
+        pair = normalize_function(target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
+        kw = dict(pair.kwargs)
+        args = [kw["query"], kw["key"], kw["value"], kw.get("attn_mask"), kw.get("dropout_p", 0.0),
+                kw.get("is_causal", False)]
+        while len(args) > 3 and not isinstance(args[-1], fx.Node) and args[-1] == _SDPA_DEFAULTS[len(args) - 4]:
+            args.pop()
+        kwargs = {}
+        if kw.get("scale") is not None:
+            kwargs["scale"] = kw["scale"]
+        if kw.get("enable_gqa"):
+            kwargs["enable_gqa"] = True
+        with gm.graph.inserting_before(node):
+            new = gm.graph.create_node("call_function", torch.ops.aten.scaled_dot_product_attention.default,
+                                       tuple(args), kwargs, name="scaled_dot_product_attention")
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
 class _ReentrantCheckpoint(RuntimeError):
     """Raised inside the capture for a reentrant checkpoint (turned into a :class:`CaptureError`)."""
 
@@ -354,7 +450,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, d
     dyn = _dynamic_shapes(model, args, kwargs) if dynamic else None
     watch = _CaptureWatch(model)
     try:
-        with _train_mode(model), watch, _tag_checkpoint_regions():
+        with _train_mode(model), watch, _tag_checkpoint_regions(), _opaque_sdpa():
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         msg = str(e)
@@ -383,6 +479,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, d
             "the model was left unchanged"
         )
     gm = ep.module()
+    _restore_sdpa(gm)
     _strip_guards(gm)
     cap = Capture(gm=gm, args=args, kwargs=kwargs)
     _collect_symbols(cap)
