@@ -545,26 +545,19 @@ class GraphAnalysis:
         concatenation is not along the tokens (e.g. RoPE's halves, along the features)."""
         from . import causal_structure as cs
 
-        val = node.meta.get("val")
         tensors = node.args[0] if node.args else None
-        if not isinstance(val, torch.Tensor) or val.dim() < 3 or not isinstance(tensors, (list, tuple)) \
-                or len(tensors) < 2:
+        if not isinstance(tensors, (list, tuple)) or len(tensors) < 2:
             return None
-        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % val.dim()
-        if dim in (0, val.dim() - 1):
+        lengths = self._cat_token_lengths(node)
+        if lengths is None or not 2 <= sum(lengths) <= cs.MAX_LEN or min(lengths) < 1:
             return None
         blocks = []
-        for a in tensors:
-            av = a.meta.get("val") if isinstance(a, fx.Node) else None
+        for a, n in zip(tensors, lengths):
             st = self.fwd_of(a) if isinstance(a, fx.Node) else None
             num = self._numbers(st) if st is not None else None
-            n = self.value_of(sym(av.shape[dim])) if isinstance(av, torch.Tensor) else None
-            if num is None or n is None or n < 1:
+            if num is None:
                 return None
-            blocks.append((int(n), num, self.tokcov.get(a)))
-        total = sum(b[0] for b in blocks)
-        if not 2 <= total <= cs.MAX_LEN:
-            return None
+            blocks.append((n, num, self.tokcov.get(a)))
         means = torch.cat([torch.full((n,), float(m), dtype=cs.DTYPE) for n, (_, _, m), _ in blocks])
         k = torch.outer(means, means)
         at = 0
