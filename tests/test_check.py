@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -470,6 +471,37 @@ def test_factory_may_return_a_loss_function(models_dir):
 def test_timeout_abandons_the_model(models_dir):
     r = check.check_model(GOOD, sizes=TINY, timeout=0.05)
     assert not r.passed and any(f.startswith("timeout") for f in r.failures)
+
+
+def _swallowing_factory(work_after: float):
+    """A factory that swallows the first alarm (as a weakref callback or ``__del__`` would) and goes on."""
+    import importlib
+
+    mod = importlib.import_module(MOD)
+
+    def factory(hidden=32, layers=1, heads=2, seq=16, batch=2, vocab=64):
+        try:
+            time.sleep(0.5)
+        except BaseException:  # noqa: BLE001 - deliberately swallowed, as an unraisable hook does
+            pass
+        time.sleep(work_after)
+        return mod.factory(hidden, layers, heads, seq, batch, vocab)
+
+    return factory
+
+
+@pytest.mark.parametrize("work_after", [0.0, 2.0])
+def test_timeout_is_reported_even_if_the_alarm_is_swallowed(models_dir, work_after):
+    # work_after=0: the build finishes right after swallowing; the overrun is still a timeout, not a pass.
+    # work_after=2: the repeated alarm interrupts the remaining work long before it ends.
+    t0 = time.perf_counter()
+    r = check.check_model(_swallowing_factory(work_after), sizes=TINY, timeout=0.05)
+    assert not r.passed and any(f.startswith("timeout") for f in r.failures), r.failures
+    if work_after:
+        assert "stage 'build'" in r.error  # the repeated alarm landed inside the remaining build work
+    assert time.perf_counter() - t0 < 1.5
+    # the alarm is off again: nothing fires after the check
+    time.sleep(0.2)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1082,7 +1082,13 @@ def _merge_sizes(sizes: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _deadline(seconds: float | None):
-    """Context manager raising :class:`_Timeout` after ``seconds`` (SIGALRM; main thread only)."""
+    """Context manager raising :class:`_Timeout` after ``seconds`` (SIGALRM; main thread only).
+
+    A signal handler's exception is lost when the signal lands while Python runs a weakref callback or a
+    ``__del__`` (it is printed as "Exception ignored in ..."). So the alarm repeats every
+    :data:`_TIMEOUT_RETRY` seconds until an exception gets through, and a block that finishes after its
+    deadline raises :class:`_Timeout` on exit anyway: a check that overran is never reported as passed.
+    """
     import contextlib
 
     @contextlib.contextmanager
@@ -1092,21 +1098,35 @@ def _deadline(seconds: float | None):
         if not usable:
             yield
             return
+        state = {"fired": False, "active": True}
 
         def handler(signum: int, frame: Any) -> None:
-            raise _Timeout()
+            if state["active"]:
+                state["fired"] = True
+                raise _Timeout()
 
         old_handler = signal.signal(signal.SIGALRM, handler)
-        old_timer = signal.setitimer(signal.ITIMER_REAL, float(seconds))
+        old_timer = signal.setitimer(signal.ITIMER_REAL, float(seconds), _TIMEOUT_RETRY)
         try:
             yield
+        except Exception as e:
+            if state["fired"]:  # an error that followed a swallowed alarm: the deadline is the cause
+                raise _Timeout() from e
+            raise
         finally:
+            state["active"] = False
             signal.setitimer(signal.ITIMER_REAL, 0.0)
             signal.signal(signal.SIGALRM, old_handler)
             if old_timer[0] > 0:  # re-arm an outer timer (approximately)
                 signal.setitimer(signal.ITIMER_REAL, *old_timer)
+        if state["fired"]:  # the alarm went off but its exception was swallowed somewhere
+            raise _Timeout()
 
     return cm()
+
+
+_TIMEOUT_RETRY = 0.05
+"""Seconds between repeated alarms once a check's deadline has passed (see :func:`_deadline`)."""
 
 
 def _check_into(mc: ModelCheck, spec: Any, criteria: Criteria, sz: dict[str, Any], strict: bool,
