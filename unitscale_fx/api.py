@@ -107,6 +107,10 @@ class TransformResult(AnalysisResult):
 def build_passes(config: Config):
     """The pipeline, in order. Each pass is a small named unit (see unitscale_fx.passes)."""
     passes: list = [FunctionalizeInPlace(), ModeAwareOps()]
+    if config.fuse_norms:
+        from .passes.fuse_norm import FuseRMSNorm
+
+        passes.append(FuseRMSNorm())
     if config.fuse_attention:
         from .passes.fuse_attention import FuseAttention
 

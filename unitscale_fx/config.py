@@ -32,6 +32,8 @@ class Config:
         strict: raise :class:`~unitscale_fx.MissingRuleError` when an op has no scale rule, instead of
             reporting it and leaving it unscaled.
         fuse_attention: replace hand-written attention with ``F.scaled_dot_product_attention``.
+        fuse_norms: replace hand-written RMS norms (``x * rsqrt(mean(x**2) + eps) * w``: T5, Llama...)
+            with ``aten.rms_norm`` (see :mod:`unitscale_fx.passes.fuse_norm`).
         dynamic: capture with dynamic batch and sequence dimensions (``torch.export.Dim.AUTO``).
         residual: how residual adds are weighted. ``"running_mean"`` (default) gives every branch the
             same share of the residual stream, the embedding included (tau_i = 1/sqrt(i), the u-muP
@@ -49,6 +51,7 @@ class Config:
     init: Literal["unit", "keep"] = "unit"
     strict: bool = False
     fuse_attention: bool = True
+    fuse_norms: bool = True
     dynamic: bool = True
     residual: Literal["running_mean", "equal"] = "running_mean"
     filter_fn: FilterFn | None = field(default=None, compare=False)
@@ -77,7 +80,7 @@ class Config:
         for item in self.exclude:
             if not isinstance(item, str) or not item:
                 raise ConfigError(f"Config.exclude entries must be non-empty strings, got {item!r}")
-        for name in ("strict", "fuse_attention", "dynamic", "scale_backward"):
+        for name in ("strict", "fuse_attention", "fuse_norms", "dynamic", "scale_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
 
