@@ -414,12 +414,41 @@ register(aten.clamp, aten.clip, name="clamp", kind="pointwise", backward=_pointw
 
 
 # ---- binary arithmetic ----------------------------------------------------------------------
+def _size_operand(x: Any) -> sympy.Expr | None:
+    """A graph value that is a size (``x.sum(1) / x.shape[1]`` divides by a ``sym_size`` node), as an
+    expression in the shape symbols; None for anything else."""
+    from .context import sym
+
+    v = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if isinstance(v, (torch.SymInt, torch.SymFloat)) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+        return sympy.sympify(sym(v))
+    return None
+
+
+def _sized_scale(ctx: RuleContext, kind: str) -> tuple[str, sympy.Expr] | None:
+    """``(tensor operand name, factor)`` for a product or quotient of a floating tensor and a size."""
+    a_name, b_name = ctx.name_of(0), ctx.name_of(1)
+    a, b = ctx.arg(a_name), ctx.arg(b_name)
+    if kind not in ("mul", "div") or not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    sb = _size_operand(b)
+    if sb is not None and _is_float(a):
+        return a_name, (sb if kind == "mul" else 1 / sb)
+    sa = _size_operand(a)
+    if sa is not None and kind == "mul" and _is_float(b):
+        return b_name, sa
+    return None
+
+
 def _binary_fwd(kind: str) -> Callable[[RuleContext], Stat]:
     def forward(ctx: RuleContext) -> Stat:
         a_name, b_name = ctx.name_of(0), ctx.name_of(1)
         a, b = ctx.arg(a_name), ctx.arg(b_name)
         alpha = ctx.arg("alpha", 1)
         a_t, b_t = isinstance(a, fx.Node), isinstance(b, fx.Node)
+        sized = _sized_scale(ctx, kind)
+        if sized is not None:
+            return _require(ctx.analysis.fwd_of(ctx.arg(sized[0]))).scaled(sized[1])
         if a_t and b_t and not (ctx.analysis.fwd_of(a) and ctx.analysis.fwd_of(b)):
             # one side has no floating statistics (e.g. an integer tensor): unsupported
             if not (_is_float(a) and _is_float(b)):
@@ -523,6 +552,9 @@ def _binary_bwd(kind: str):
             return _pointwise_bwd(ctx, g)
         a_name, b_name = ctx.name_of(0), ctx.name_of(1)
         a, b = ctx.arg(a_name), ctx.arg(b_name)
+        sized = _sized_scale(ctx, kind)
+        if sized is not None:  # a tensor times / over a size: the size carries no gradient
+            return {sized[0]: Stat(g.rms * sympy.Abs(sized[1]), g.corr)}
         alpha = sympy.sympify(ctx.arg("alpha", 1))
         out: dict = {}
         out_numel = ctx.numel()
@@ -716,11 +748,15 @@ def _mm_bwd(ctx: RuleContext, g: Stat) -> dict:
     probs = _softmax_probs_scaled(ctx.arg(a), ctx)
     out[a] = Stat(g.rms * sympy.sqrt(n) * sb.rms, g.corr)
     if probs is not None:
-        # grad_v_j = factor * sum_i p_ij g_i
+        # grad_v_j = factor * sum_i p_ij g_i: per key, E|grad_v_j|^2 = g^2 (sq p2 + gc sq (sq - 1) O) / sk,
+        # O = sum_j p_ij p_i'j the overlap of two queries' weights, ~1/sk for diffuse rows (gc: the
+        # gradient's token correlation: 1 behind a mean over the tokens, where every query sends the
+        # same g and each key collects its column sum of weights)
         p2, factor = probs
         sq = sa_shape[-2]
         sk = sa_shape[-1]
-        out[b] = Stat(factor * g.rms * sympy.sqrt(sq * p2 / sk), _probs_grad_v_corr(ctx, p2, g.corr, sq, sk))
+        ms = sq * p2 / sk + g.corr * sq * (sq - 1) / (sk * sk)
+        out[b] = Stat(factor * g.rms * sympy.sqrt(ms), _probs_grad_v_corr(ctx, ms * sk / sq, g.corr, sq, sk))
     else:
         f = _seq_corr_factor(ctx, [1] * len(sa_shape), list(sa_shape[:-1]) + [1], g.corr * sa.corr)
         out[b] = Stat(g.rms * sympy.sqrt(rows) * sa.rms * f, ZERO)
@@ -990,9 +1026,28 @@ def _reduces_tokens(ctx: RuleContext) -> bool:
     return any((d % len(shp)) != last for d in dims)
 
 
+def _reduces_every_token(ctx: RuleContext) -> bool:
+    """The reduction covers every dim between the batch and the features, and keeps the features: a
+    pooled representation, whose gradient is the same vector at every token of a sequence (token
+    correlation 1). A reduction to a scalar (a loss) is not one: the gradient it sends back is a
+    constant that the ops before it multiply by their own, token-dependent, derivatives."""
+    dims = ctx.arg("dim")
+    shp = ctx.shape(0)
+    if dims is None or dims == []:
+        return False
+    nd = len(shp)
+    red = {d % nd for d in ([dims] if isinstance(dims, int) else list(dims))}
+    return nd >= 3 and set(range(1, nd - 1)) <= red and nd - 1 not in red and 0 not in red
+
+
+def _broadcast_grad_corr(ctx: RuleContext, g: Stat) -> Any:
+    """Token correlation of a reduction's gradient, which is ``g`` broadcast back over the reduced dims."""
+    return ONE if _reduces_every_token(ctx) else g.corr
+
+
 def _mean_bwd(ctx: RuleContext, g: Stat) -> dict:
     n = _reduced(ctx)
-    return {ctx.name_of(0): Stat(g.rms / n, g.corr)}
+    return {ctx.name_of(0): Stat(g.rms / n, _broadcast_grad_corr(ctx, g))}
 
 
 def _sum_fwd(ctx: RuleContext) -> Stat:
@@ -1005,7 +1060,7 @@ def _sum_fwd(ctx: RuleContext) -> Stat:
 
 
 def _sum_bwd(ctx: RuleContext, g: Stat) -> dict:
-    return {ctx.name_of(0): g}
+    return {ctx.name_of(0): Stat(g.rms, _broadcast_grad_corr(ctx, g), g.mean)}
 
 
 register(aten.mean, name="mean", kind="reduction", backward=_mean_bwd)(_mean_fwd)
