@@ -76,8 +76,9 @@ def test_transformed_pooled_attention_has_unit_value_gradient():
 
 
 def test_a_mean_over_features_keeps_the_gradient_uncorrelated():
-    """Must not fire: ``x.mean(-1)`` (a norm's statistic) and a reduction to a scalar do not make the
-    tokens share a gradient; a mean over the tokens does."""
+    """Must not fire: ``x.mean(-1)`` (a norm's statistic), a reduction to a scalar and a sum over a
+    middle dim that is not the tokens (an MoE's top-k combine: Mixtral failed its zoo check when every
+    middle dim was taken for the tokens) do not make the tokens share a gradient; a mean over them does."""
     import sympy
 
     import unitscale_fx
@@ -93,7 +94,8 @@ def test_a_mean_over_features_keeps_the_gradient_uncorrelated():
         def forward(self, x):
             h = self.lin(x)
             centred = h - h.mean(-1, keepdim=True)
-            return centred, h.mean(1), h.sum()
+            pairs = h.reshape(-1, 2, D).sum(1)  # an MoE-style combine: [tokens, k, features], k summed
+            return centred, h.mean(1), h.sum(), pairs
 
     from unitscale_fx.analysis.record import Stat
 
@@ -106,14 +108,17 @@ def test_a_mean_over_features_keeps_the_gradient_uncorrelated():
     feature_mean = next(n for n in x.users if n.target is aten.mean.dim and n.args[1] == [-1])
     token_mean = next(n for n in x.users if n.target is aten.mean.dim and n.args[1] == [1])
     total = next(n for n in x.users if n.target is aten.sum.default)
+    reshaped = next(n for n in x.users if n.target in (aten.reshape.default, aten.view.default))
+    combine = next(n for n in reshaped.users if n.target is aten.sum.dim_IntList)
     rule = lookup(aten.mean.dim)
     sent = {}
-    for n in (feature_mean, token_mean, total):
+    for n in (feature_mean, token_mean, total, combine):
         g = n.meta[META_KEY].bwd
         assert g is not None and ga.value_of(g.corr) == 0, n
         grads = lookup(n.target).backward(RuleContext(n, ga), g)
         sent[n] = ga.value_of(next(iter(grads.values())).corr)
     assert sent[feature_mean] == 0   # a per-token statistic: each token's own gradient
     assert sent[total] == 0          # a reduction to a scalar: a constant the ops before it reweight
+    assert sent[combine] == 0        # a sum over a middle dim that is not the tokens (MoE top-k)
     assert sent[token_mean] == 1     # a pooled representation: one gradient shared by every token
     assert rule is lookup(token_mean.target)

@@ -485,6 +485,7 @@ def attention_stats(
     valid_keys: Any = None,
     kv_repeat: Any = 1,
     kv_coupling: Any = 0,
+    logit_bias_var: Any = 0,
 ) -> AttentionStats:
     """Statistics of ``out = softmax(scale * q @ k^T + mask) @ v`` and of its gradients at init.
 
@@ -507,6 +508,10 @@ def attention_stats(
             query favours then carry a common part of ``v``: the output gains a coherent term of
             mean square ``(1 - F)^2 s2 / D`` next to the diffuse ``F = E[sum p^2]``, which
             dominates at long sequences (see docs/attention_scaling.md, "k-v coupling").
+        logit_bias_var: variance across keys of an additive bias in the logits that does not come
+            from ``q . k`` (a learned position bias, T5's): it concentrates the weights like any
+            logit variance, but not more for a query of larger norm, and neither tilts the keys
+            toward ``q_i`` nor scales ``grad_k`` (which is ``scale * sum_i dS_ij q_i``).
 
     Returns:
         :class:`AttentionStats`.
@@ -524,8 +529,10 @@ def attention_stats(
 
     # Average over the query-norm fluctuation: logits of query i have variance s2 * X_i.
     F = TQ = TX = O = Ob = onemF = C1 = C2 = 0
+    bv = logit_bias_var
     for x, w in _qnorm_nodes(d):
-        s2x = _tidy(s2 * x)
+        s2x = _tidy(s2 * x + bv) if not (_is_number(bv) and bv == 0) else _tidy(s2 * x)
+        s2q = _tidy(s2 * x)  # the q . k part: the softmax tilts the keys along q_i by this much
         if causal:
             Fx = sum_p2_causal.generic(sq, s2x)
             Tx = backward_weight_causal.generic(sq, s2x)
@@ -539,7 +546,7 @@ def attention_stats(
         Ob += w * Obx
         # grad_q: the key component along q_i is tilted by the softmax: (d + s2) / d for many keys,
         # ~1 when few keys dominate; (T/F)^5 interpolates (empirical, see the doc).
-        TQ += w * Tx * (1 + s2x * (Tx / Fx) ** 5 / d)
+        TQ += w * Tx * (1 + s2q * (Tx / Fx) ** 5 / d)
         TX += w * x * Tx
         O += w * Ox
         onemF += w * x * (1 - Fx)
@@ -577,7 +584,7 @@ def attention_stats(
         grad_q_rms=_finish(_prod(abs_scale, k_rms, g, v_rms, _sqrt(gq_ms))),
         grad_k_rms=_finish(_prod(abs_scale, q_rms, g, v_rms, _sqrt(gk_ms))),
         grad_v_rms=_finish(_prod(g, _sqrt(gv_ms))),
-        logit_var=_tidy(s2),
+        logit_var=_tidy(s2 + bv),
         sum_p2=_finish(F),
         grad_q_corr=_finish(gc * coh_q / gq_ms) if not (_is_number(kvc) and kvc == 0) else 0.0,
     )

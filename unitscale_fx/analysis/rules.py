@@ -1037,7 +1037,16 @@ def _reduces_every_token(ctx: RuleContext) -> bool:
         return False
     nd = len(shp)
     red = {d % nd for d in ([dims] if isinstance(dims, int) else list(dims))}
-    return nd >= 3 and set(range(1, nd - 1)) <= red and nd - 1 not in red and 0 not in red
+    if nd < 3 or nd - 1 in red or 0 in red:
+        return False
+    # the reduced dims must hold every token of a sample: not, e.g., the top-k experts of an MoE's
+    # ``[tokens, k, features]`` combine, whose leading dim holds the (flattened) tokens
+    tokens = ctx.analysis.tokens_per_sample(shp)
+    sizes = [ctx.analysis.value_of(shp[d]) for d in red]
+    if tokens is None or any(v is None for v in sizes):
+        return False
+    reduced = math.prod(sizes)
+    return reduced >= tokens and reduced % tokens == 0
 
 
 def _broadcast_grad_corr(ctx: RuleContext, g: Stat) -> Any:
@@ -1286,7 +1295,7 @@ def _attention_field(mask_kind: str, base: tuple, field_name: str, sizes: tuple[
 
 
 def _attention_stats(ctx: RuleContext, q: Stat, k: Stat, v: Stat, sq, sk, d, scale, mask_kind,
-                     counts, kv_repeat, g: Stat | None = None):
+                     counts, kv_repeat, g: Stat | None = None, bias_var: Any = ZERO):
     from .attention_stats import attention_stats, sum_p2_full
 
     # q/k scales enter the softmax non-linearly: use their values at the hints (keeps the
@@ -1308,6 +1317,8 @@ def _attention_stats(ctx: RuleContext, q: Stat, k: Stat, v: Stat, sq, sk, d, sca
               q_corr=num(q.corr), k_corr=num(k.corr), v_corr=num(v.corr),
               grad_out_rms=ONE, grad_out_corr=num(g.corr) if g is not None else ZERO,
               kv_repeat=kv_repeat, kv_coupling=_kv_coupling(ctx))
+    if bias_var != 0:  # (only then: the memo keys and size functions of other attentions stay as they were)
+        kw["logit_bias_var"] = bias_var
     def rounded(v):
         return sympy.Float(float(f"{float(v):.3g}"), 6) if isinstance(v, sympy.Basic) and v.is_number else v
 
@@ -1405,7 +1416,7 @@ def _sdpa_parts(ctx: RuleContext):
     sq, sk, d = qs[-2], ks[-2], qs[-1]
     scale = ctx.arg("scale")
     scale = sympy.sympify(scale) if scale is not None else 1 / sympy.sqrt(d)
-    kv_repeat = ONE
+    kv_repeat, bias_var = ONE, ZERO
     if ctx.arg("enable_gqa", False):
         kv_repeat = _safe_div(qs[-3], ks[-3])
     if ctx.arg("is_causal", False):
@@ -1420,7 +1431,7 @@ def _sdpa_parts(ctx: RuleContext):
             if mask.is_floating_point() and bool((torch.isfinite(mask) & (mask != 0)).any()):
                 # a constant bias in the mask (ALiBi): the logit variance that gives the weights the
                 # concentration the bias gives them, folded into the query scale
-                q = _fold_constant_bias(ctx, q, k, d, scale, mask, kind, counts, n_q, n_k)
+                q, bias_var = _fold_constant_bias(ctx, q, k, d, scale, mask, kind, counts, n_q, n_k)
         else:
             # a learned additive bias (T5/ALiBi-style position bias), possibly plus a constant mask
             bias, const_part = _split_learned_mask(ctx, ctx.arg("attn_mask"))
@@ -1429,13 +1440,13 @@ def _sdpa_parts(ctx: RuleContext):
             kind, counts = "full", None
             if const_part is not None:
                 kind, counts = _mask_rows(const_part, int(_numeric(ctx, sq)), int(_numeric(ctx, sk)))
-            # the bias adds its variance to the logits: fold it into the query scale
+            # the bias adds its variance to the logits (attention_stats' ``logit_bias_var``): it
+            # concentrates the weights, but is no part of q (folding it into q's scale, as before,
+            # over-predicted grad_k = scale * sum_i dS_ij q_i by sqrt(1 + b^2 / s2) and more)
             b = ctx.analysis.value_of(bias.rms) or 0.0
-            s2 = (ctx.analysis.value_of(scale) or 0.0) ** 2 * (ctx.analysis.value_of(d) or 0.0) * \
-                (ctx.analysis.value_of(q.rms) or 0.0) ** 2 * (ctx.analysis.value_of(k.rms) or 0.0) ** 2
-            if s2 > 0 and b > 0:
-                q = Stat(q.rms * sympy.Float(math.sqrt(1 + b * b / s2), 6), q.corr, q.mean)
-    return q, k, v, sq, sk, d, scale, kind, counts, kv_repeat
+            if b > 0 and math.isfinite(b):
+                bias_var = sympy.Float(b * b, 6)
+    return q, k, v, sq, sk, d, scale, kind, counts, kv_repeat, bias_var
 
 
 def _p2_numeric(kind: str, n_q: int, n_k: int, s2: float) -> float:
@@ -1465,19 +1476,23 @@ def _effective_s2(kind: str, n_q: int, n_k: int, target: float) -> float:
 
 
 def _fold_constant_bias(ctx: RuleContext, q: Stat, k: Stat, d: Any, scale: Any, mask: torch.Tensor, kind: str,
-                        counts: Any, n_q: int, n_k: int) -> Stat:
-    """``q`` rescaled so that the closed forms see the weights' concentration under ``mask``'s bias."""
+                        counts: Any, n_q: int, n_k: int) -> tuple[Stat, Any]:
+    """``(q, bias_var)`` such that the closed forms see the weights' concentration under ``mask``'s bias:
+    the extra logit variance ``s2_eff - s2`` the bias stands for (``attention_stats``' ``logit_bias_var``),
+    or, when the bias spreads the weights instead (``s2_eff < s2``), ``q`` rescaled."""
     vals = [ctx.analysis.value_of(x) for x in (scale, d, q.rms, k.rms, k.corr)]
     if any(v is None for v in vals) or kind == "general":
-        return q
+        return q, ZERO
     sc, dd, qr, kr, kc = vals
     s2 = sc * sc * dd * qr * qr * kr * kr * (1 - kc)
     if s2 <= 0:
-        return q
+        return q, ZERO
     full = mask.double().expand(*mask.shape[:-2], n_q, n_k) if mask.dim() >= 2 else mask.double().expand(n_q, n_k)
     target = _biased_sum_p2(full, s2)
     s2_eff = _effective_s2(kind, n_q, n_k, round(target, 6))
-    return Stat(q.rms * sympy.Float(math.sqrt(max(s2_eff, 1e-12) / s2), 6), q.corr, q.mean)
+    if s2_eff >= s2:
+        return q, sympy.Float(s2_eff - s2, 6)
+    return Stat(q.rms * sympy.Float(math.sqrt(max(s2_eff, 1e-12) / s2), 6), q.corr, q.mean), ZERO
 
 
 def _split_learned_mask(ctx: RuleContext, node: Any) -> tuple[Stat | None, torch.Tensor | None]:
@@ -1523,8 +1538,8 @@ def _split_learned_mask(ctx: RuleContext, node: Any) -> tuple[Stat | None, torch
 
 
 def _sdpa_fwd(ctx: RuleContext) -> Stat:
-    q, k, v, sq, sk, d, scale, kind, counts, rep = _sdpa_parts(ctx)
-    st = _attention_stats(ctx, q, k, v, sq, sk, d, scale, kind, counts, rep)
+    q, k, v, sq, sk, d, scale, kind, counts, rep, bv = _sdpa_parts(ctx)
+    st = _attention_stats(ctx, q, k, v, sq, sk, d, scale, kind, counts, rep, bias_var=bv)
     p = float(ctx.arg("dropout_p", 0.0) or 0.0)
     rms, corr = st.out_rms, st.out_corr
     if kind == "causal":
@@ -1581,17 +1596,23 @@ def _causal_position_structure(ctx: RuleContext, v: Stat, st: Any, sq: Any) -> t
 
 
 def _sdpa_bwd(ctx: RuleContext, g: Stat) -> dict:
-    q, k, v, sq, sk, d, scale, kind, counts, rep = _sdpa_parts(ctx)
+    q, k, v, sq, sk, d, scale, kind, counts, rep, bv = _sdpa_parts(ctx)
     p = float(ctx.arg("dropout_p", 0.0) or 0.0)
     if p > 0:
         g = Stat(g.rms * sympy.Float(1 / math.sqrt(1 - p), 8), g.corr)
-    st = _attention_stats(ctx, q, k, v, sq, sk, d, scale, kind, counts, rep, g=g)
+    st = _attention_stats(ctx, q, k, v, sq, sk, d, scale, kind, counts, rep, g=g, bias_var=bv)
     out = {"query": Stat(st.grad_q_rms, _clip01(sympy.sympify(st.grad_q_corr))), "key": Stat(st.grad_k_rms, ZERO),
            "value": Stat(st.grad_v_rms, _grad_v_corr(ctx, st, g, sq, sk, rep))}
     mask = ctx.arg("attn_mask")
     if isinstance(mask, fx.Node) and ctx.analysis.requires_grad(mask):
-        # d loss / d bias = d loss / d logits; grad_q = scale * grad_logits @ k gives its scale
-        out["attn_mask"] = Stat(_safe_div(st.grad_q_rms, sympy.Abs(scale) * k.rms * sympy.sqrt(sk)), ZERO)
+        # d loss / d bias = d loss / d logits; grad_q = scale * grad_logits @ k gives its scale. A mask
+        # broadcast over the batch (or the heads) sums the logits' gradients of the copies, which are
+        # independent: sqrt(copies)
+        per_logit = _safe_div(st.grad_q_rms, sympy.Abs(scale) * k.rms * sympy.sqrt(sk))
+        qs = ctx.shape("query")
+        logits = prod(list(qs[:-1])) * sk  # [batch..., heads, sq, sk]
+        copies = _safe_div(logits, ctx.numel("attn_mask"))
+        out["attn_mask"] = Stat(per_logit * sympy.sqrt(sympy.Max(copies, ONE)), ZERO)
     return out
 
 
