@@ -92,7 +92,12 @@ class UnitScaleBackward(Pass):
             want = (1 / tv, lambda t=t: 1 / t) if tv is not None and tv > 0 and math.isfinite(tv) else None
             if n in state.skipped_nodes and n.op == "call_function":
                 want = None
-            dn = self._choose(want, [d_of(c) for c in cons], val)
+            # a parameter keeps its own factor: snapping it to a consumer's (an activation's, whose
+            # factor follows the batch differently) would make the factor a parameter gets depend on
+            # which side of the snap tolerance the captured batch size puts it - per-rank and global
+            # captures would then differ by more than their one common multiple (tests/test_distributed.py)
+            snap = n.op != "get_attr" or want is None
+            dn = self._choose(want, [d_of(c) for c in cons] if snap else [], val)
             D[n] = dn
             for c in cons:
                 if _differs(dn, d_of(c), val):
